@@ -1,0 +1,211 @@
+"""Checkpoint import/export.
+
+Formats read by :func:`load_pretrained`:
+
+- Our own: a directory with ``model.safetensors`` and ``config.json`` (written atomically by
+  :func:`save_pretrained`).
+- Official v0.1 ``.pt`` files (``checkpoint_format == "imrnns-adapter-only-v1"``, projector
+  256 x n): v0.1 semantics, ``aggregation="transform_of_mean"``. Legacy key prefixes
+  ``e5_projector.`` / ``sbert_projector.`` map to ``projector.``.
+- Official v0.2 ``.pt`` files (``checkpoint_format == "imrnns-final-v1"``, square
+  projector): ``aggregation="mean_of_transforms"``.
+- A bare state dict with the same keys (semantics from the projector's shape, or given).
+
+``.pt`` files are read with ``torch.load(..., weights_only=True)``: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from imrnns._atomic import atomic_directory, resolve_directory
+from imrnns.model import IMRNN, IMRNNConfig
+
+FORMAT = "imrnns-kernels-adapter"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+OFFICIAL_V01_FORMAT = "imrnns-adapter-only-v1"
+OFFICIAL_V02_FORMAT = "imrnns-final-v1"
+LEGACY_PREFIXES = ("e5_projector.", "sbert_projector.")
+SEMANTICS = ("v0.1", "v0.2")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, or does not match the architecture."""
+
+
+def save_pretrained(model: IMRNN, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` atomically.
+
+    The files are written to a temporary sibling directory that replaces ``directory`` only
+    once both are complete: a crash mid-way leaves the previous checkpoint intact.
+    """
+    directory = Path(directory)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    with atomic_directory(directory) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata=meta)
+        payload = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": model.config.to_dict(),
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    semantics: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> IMRNN:
+    """Load a model from our directory format or an official ``.pt`` checkpoint.
+
+    Args:
+        path: a directory written by :func:`save_pretrained`, or an official ``.pt`` file.
+        semantics: for ``.pt`` files, force ``"v0.1"`` or ``"v0.2"`` instead of detecting it
+            from the file's metadata and projector shape.
+        map_location: device to load the tensors onto.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        CheckpointError: (a ValueError) truncated or malformed files, missing/unexpected keys
+            or mismatched shapes; the message names the file and the key.
+    """
+    path = Path(path)
+    if semantics is not None and semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+    if path.is_dir() or (not path.exists() and path.suffix != ".pt"):
+        model = _load_directory(resolve_directory(path))
+    elif path.is_file():
+        model = _load_official(path, semantics)
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    model.eval()
+    return model.to(map_location)
+
+
+def _load_directory(directory: Path) -> IMRNN:
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"checkpoint directory {directory} has no {p.name}")
+    try:
+        payload = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{config_path}: not an {FORMAT} config (format key missing)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path}: format_version {payload.get('format_version')} is newer than "
+            f"this library reads ({FORMAT_VERSION}); upgrade imrnns-kernels"
+        )
+    try:
+        config = IMRNNConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: invalid config ({exc})") from exc
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{weights_path}: unreadable or truncated safetensors ({exc})"
+        ) from exc
+    model = IMRNN(config)
+    _load_state(model, state, weights_path)
+    return model
+
+
+def _load_official(path: Path, semantics: str | None) -> IMRNN:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated/corrupt zip files
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    metadata: dict[str, Any] = {}
+    if isinstance(payload, dict) and "model_state" in payload:
+        state = payload["model_state"]
+        metadata = payload.get("metadata") or {}
+    else:
+        state = payload
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors under 'model_state'")
+    state = {_rename_legacy(k): v for k, v in state.items()}
+    proj = state.get("projector.weight")
+    if proj is None or proj.dim() != 2:
+        raise CheckpointError(f"{path}: missing 2-D tensor 'projector.weight'")
+    m, n = (int(s) for s in proj.shape)
+    if semantics is None:
+        fmt = metadata.get("checkpoint_format") if isinstance(metadata, dict) else None
+        if fmt == OFFICIAL_V01_FORMAT:
+            semantics = "v0.1"
+        elif fmt == OFFICIAL_V02_FORMAT:
+            semantics = "v0.2"
+        else:
+            semantics = "v0.2" if m == n else "v0.1"
+    config = _infer_config(state, path, n, m, semantics)
+    model = IMRNN(config)
+    _load_state(model, state, path)
+    return model
+
+
+def _rename_legacy(key: str) -> str:
+    for prefix in LEGACY_PREFIXES:
+        if key.startswith(prefix):
+            return "projector." + key[len(prefix) :]
+    return key
+
+
+def _infer_config(
+    state: dict[str, torch.Tensor], path: Path, n: int, m: int, semantics: str
+) -> IMRNNConfig:
+    def shape(key: str) -> tuple[int, ...]:
+        t = state.get(key)
+        if t is None:
+            raise CheckpointError(f"{path}: missing tensor {key!r}")
+        return tuple(t.shape)
+
+    h1 = shape("query_hypernet.hypernet.0.weight")[0]
+    h2 = shape("query_hypernet.hypernet.3.weight")[0]
+    out = shape("query_hypernet.hypernet.6.weight")[0]
+    if out == 2 * m:
+        modulation = "diagonal"
+    elif out == m * m + m:
+        modulation = "affine"
+    else:
+        raise CheckpointError(
+            f"{path}: HyperNet output width {out} fits neither diagonal (2m = {2 * m}) nor "
+            f"affine (m*m + m = {m * m + m}) modulation at m = {m}"
+        )
+    base = IMRNNConfig.official_v01(n, m) if semantics == "v0.1" else IMRNNConfig.official_v02(n)
+    return IMRNNConfig.from_dict(
+        {**base.to_dict(), "dim": m, "hidden_dims": [h1, h2], "modulation": modulation}
+    )
+
+
+def _load_state(model: IMRNN, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+    for key, ref in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+            )
+        if not got.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key!r} has non-float dtype {got.dtype}")
+        if not bool(torch.isfinite(got).all()):
+            raise CheckpointError(f"{path}: tensor {key!r} contains NaN/Inf")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

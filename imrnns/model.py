@@ -1,0 +1,442 @@
+"""The IMRNN model: projection, query/document HyperNets, LayerNorms and the modulated cosine.
+
+The maths (DESIGN.md section 1), for a query q and candidates d_1..d_K:
+
+    p(x)      = normalize(P x + p0)                               projection, R^n -> R^m
+    T_q       = act(A_q(p(q)))                                    query-side transform
+    d~_i      = LN_d(T_q(p(d_i)))                                 document modulation
+    T_bar     = sum_i w_i act(A_d(p(d_i))) / sum_i w_i            "mean_of_transforms" (v0.2)
+              = act(A_d(sum_i w_i d~_i / sum_i w_i))              "transform_of_mean"  (v0.1)
+    q~        = LN_q(T_bar(p(q)))                                 query refinement
+    score_i   = cos(q~, d~_i)
+
+``act`` and ``T`` depend on the modulation form: ``diagonal`` (official code, FiLM-style:
+``[sigmoid, tanh]`` and ``x * s + b``) or ``affine`` (the paper's text: identity and
+``W x + b``). Every numeric step goes through :mod:`imrnns_kernels`, so fused kernels slot in
+behind its dispatcher without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+import imrnns_kernels as K
+from imrnns_kernels import _validation as V
+from imrnns_kernels.reference import activate, hypernet
+
+Modulation = Literal["diagonal", "affine"]
+Aggregation = Literal["mean_of_transforms", "transform_of_mean"]
+Weighting = Literal["uniform", "score_weighted"]
+
+AGGREGATIONS = ("mean_of_transforms", "transform_of_mean")
+WEIGHTINGS = ("uniform", "score_weighted")
+
+
+@dataclass(frozen=True)
+class IMRNNConfig:
+    """Architecture and semantics of an IMRNN adapter.
+
+    Attributes:
+        input_dim: base-encoder dim n (384 for all-MiniLM-L6-v2, 1024 for e5-large-v2).
+        dim: working dim m after projection; None means m = n (official v0.2).
+        modulation: ``"diagonal"`` (OUT = 2m) or ``"affine"`` (OUT = m*m + m).
+        aggregation: ``"mean_of_transforms"`` (paper, official v0.2) or
+            ``"transform_of_mean"`` (official v0.1, needed for its checkpoints).
+        feedback_weighting: ``"uniform"`` mean over the feedback set, or ``"score_weighted"``
+            by ``softmax(first_stage_score / feedback_temperature)``.
+        feedback_temperature: temperature of the score weighting.
+        hidden_dims: HyperNet hidden widths (official: 128, 64).
+        dropout: dropout after each HyperNet ReLU, in training only (official v0.1: 0.1).
+        layer_norm_eps: epsilon of both LayerNorms (torch default 1e-5, as official).
+    """
+
+    input_dim: int = 384
+    dim: int | None = None
+    modulation: Modulation = "diagonal"
+    aggregation: Aggregation = "mean_of_transforms"
+    feedback_weighting: Weighting = "uniform"
+    feedback_temperature: float = 0.05
+    hidden_dims: tuple[int, int] = (128, 64)
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("input_dim", "dim"):
+            value = getattr(self, name)
+            if value is None and name == "dim":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        V.check_modulation(self.modulation)
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.feedback_weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"feedback_weighting must be one of {WEIGHTINGS}, got {self.feedback_weighting!r}"
+            )
+        if not self.feedback_temperature > 0:
+            raise ValueError(f"feedback_temperature must be > 0, got {self.feedback_temperature}")
+        hidden = tuple(self.hidden_dims)
+        if len(hidden) != 2 or any(isinstance(h, bool) or int(h) != h or h <= 0 for h in hidden):
+            raise ValueError(f"hidden_dims must be two positive ints, got {self.hidden_dims!r}")
+        object.__setattr__(self, "hidden_dims", (int(hidden[0]), int(hidden[1])))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def working_dim(self) -> int:
+        """m: the projected dim."""
+        return self.input_dim if self.dim is None else self.dim
+
+    @property
+    def transform_dim(self) -> int:
+        """OUT: width of a HyperNet output."""
+        return V.transform_dim(self.working_dim, self.modulation)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden_dims"] = list(self.hidden_dims)
+        d["dim"] = self.working_dim
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IMRNNConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown IMRNNConfig fields {unknown}; known: {sorted(known)}")
+        kwargs = dict(data)
+        if "hidden_dims" in kwargs:
+            kwargs["hidden_dims"] = tuple(kwargs["hidden_dims"])
+        return cls(**kwargs)
+
+    @classmethod
+    def official_v01(cls, input_dim: int, dim: int = 256) -> IMRNNConfig:
+        """Official v0.1: m=256, diagonal, HyperNet of the mean modulated document."""
+        return cls(
+            input_dim=input_dim,
+            dim=dim,
+            modulation="diagonal",
+            aggregation="transform_of_mean",
+            dropout=0.1,
+        )
+
+    @classmethod
+    def official_v02(cls, input_dim: int) -> IMRNNConfig:
+        """Official v0.2: m=n, diagonal, mean of per-document transforms."""
+        return cls(input_dim=input_dim, dim=input_dim, modulation="diagonal")
+
+
+class HyperNet(nn.Module):
+    """``Linear(m,h1) -> ReLU -> Dropout -> Linear(h1,h2) -> ReLU -> Dropout -> Linear(h2,OUT)``.
+
+    Kept as an ``nn.Sequential`` named ``hypernet`` so state-dict keys match the official
+    checkpoints (``hypernet.{0,3,6}.{weight,bias}``).
+    """
+
+    def __init__(self, config: IMRNNConfig) -> None:
+        super().__init__()
+        m, (h1, h2) = config.working_dim, config.hidden_dims
+        self.modulation = config.modulation
+        self.dropout = config.dropout
+        self.hypernet = nn.Sequential(
+            nn.Linear(m, h1),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(h1, h2),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(h2, config.transform_dim),
+        )
+        # Official initialisation: weights N(0, 0.01), biases 0.
+        for layer in self.hypernet:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.01)
+                nn.init.zeros_(layer.bias)
+        if config.modulation == "affine":
+            # With W ~ 0 every document would collapse to LN(b), a constant, and training
+            # would start from a random ranking. Start from W = I, b = 0 instead: the adapter
+            # begins as the identity transform. Only the initial values change, not the form.
+            with torch.no_grad():
+                self.hypernet[6].bias[: m * m] = torch.eye(m).flatten()
+
+    def weights(self) -> K.HyperNetWeights:
+        """The six tensors as the ops take them."""
+        seq = self.hypernet
+        return K.HyperNetWeights(
+            seq[0].weight, seq[0].bias, seq[3].weight, seq[3].bias, seq[6].weight, seq[6].bias
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., m) -> (..., OUT) activated transform vectors."""
+        raw = hypernet(x, self.weights(), self.dropout, self.training)
+        return activate(raw, self.modulation)
+
+
+@dataclass
+class IMRNNOutput:
+    """Everything :meth:`IMRNN.forward` computes, for scores and explanations.
+
+    Shapes: B queries, K candidates, m working dim, OUT transform width.
+    """
+
+    scores: torch.Tensor  # (B, K) float32 cosines
+    projected_queries: torch.Tensor  # (B, m)   p(q)
+    projected_documents: torch.Tensor  # (B, K, m) p(d)
+    query_transform: torch.Tensor  # (B, OUT)  act(A_q(p(q))), applied to documents
+    document_transform: torch.Tensor  # (B, OUT)  aggregated document-side transform
+    modulated_queries: torch.Tensor  # (B, m)   q~
+    modulated_documents: torch.Tensor  # (B, K, m) d~
+
+
+class IMRNN(nn.Module):
+    """IMRNN adapter over a frozen base encoder. See the module docstring for the maths."""
+
+    def __init__(self, config: IMRNNConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or IMRNNConfig()
+        n, m = self.config.input_dim, self.config.working_dim
+        self.projector = nn.Linear(n, m)
+        if n == m:
+            # Official v0.2 starts the square projector at the identity: p(x) = x at init.
+            with torch.no_grad():
+                self.projector.weight.copy_(torch.eye(m))
+                self.projector.bias.zero_()
+        self.query_hypernet = HyperNet(self.config)
+        self.doc_hypernet = HyperNet(self.config)
+        self.query_norm = nn.LayerNorm(m, eps=self.config.layer_norm_eps)
+        self.doc_norm = nn.LayerNorm(m, eps=self.config.layer_norm_eps)
+
+    # ------------------------------------------------------------------ persistence
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> IMRNN:
+        """Load our directory format or an official v0.1/v0.2 ``.pt`` checkpoint.
+
+        See :func:`imrnns.checkpoints.load_pretrained` for the keyword arguments.
+        """
+        from imrnns.checkpoints import load_pretrained
+
+        return load_pretrained(path, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` into ``directory``, atomically."""
+        from imrnns.checkpoints import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    # ------------------------------------------------------------------ building blocks
+    @property
+    def device(self) -> torch.device:
+        return self.projector.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projector.weight.dtype
+
+    def project(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(..., n) base embeddings -> (..., m) unit vectors p(x)."""
+        self._check_embeddings("embeddings", embeddings, None)
+        return K.project(embeddings.to(self.dtype), self.projector.weight, self.projector.bias)
+
+    def query_transform(self, projected_queries: torch.Tensor) -> torch.Tensor:
+        """(B, m) -> (B, OUT): ``act(A_q(p(q)))``, the transform applied to documents."""
+        return self.query_hypernet(projected_queries)
+
+    def feedback_weights(self, first_stage_scores: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, K) weights for the feedback mean, or None for the uniform mean.
+
+        ``score_weighted``: ``softmax(first_stage_scores / feedback_temperature)``.
+        """
+        if self.config.feedback_weighting == "uniform" or first_stage_scores is None:
+            return None
+        return torch.softmax(first_stage_scores.float() / self.config.feedback_temperature, dim=1)
+
+    def document_transform(
+        self,
+        corpus: torch.Tensor,
+        feedback_ids: torch.Tensor,
+        query_transform: torch.Tensor,
+        feedback_weights: torch.Tensor | None = None,
+        cache: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, OUT) aggregated document-side transform over each query's feedback set.
+
+        Args:
+            corpus: (N, m) projected documents.
+            feedback_ids: (B, K) ids of each query's feedback documents.
+            query_transform: (B, OUT), used by ``transform_of_mean`` (v0.1) only.
+            feedback_weights: (B, K) non-negative weights, or None for the uniform mean.
+            cache: per-document HyperNet results precomputed by an index
+                (:func:`imrnns_kernels.document_transforms`), or None.
+        """
+        cfg = self.config
+        if cfg.aggregation == "mean_of_transforms":
+            if self.training and cfg.dropout > 0:
+                # Dropout per document row: the fused reduction has no dropout, so go explicit.
+                per_doc = self.doc_hypernet(corpus[feedback_ids.long()].to(self.dtype))
+                return _weighted_mean(per_doc, feedback_weights)
+            extra = {} if cache is None else {"cache": cache}
+            return K.adapter_reduce(
+                corpus,
+                feedback_ids,
+                self.doc_hypernet.weights(),
+                feedback_weights,
+                cfg.modulation,
+                **extra,
+            )
+        docs = corpus[feedback_ids.long()].to(self.dtype)
+        d_tilde = self.modulate_documents(docs, query_transform)
+        return self.doc_hypernet(_weighted_mean(d_tilde, feedback_weights))
+
+    def modulate_documents(self, docs: torch.Tensor, query_transform: torch.Tensor) -> torch.Tensor:
+        """(B, K, m) p(d) -> (B, K, m) d~ = LN_d(T_q(p(d)))."""
+        return K.modulate_layernorm(
+            docs,
+            query_transform,
+            self.doc_norm.weight,
+            self.doc_norm.bias,
+            self.config.modulation,
+            self.config.layer_norm_eps,
+        )
+
+    def modulate_queries(
+        self, projected_queries: torch.Tensor, document_transform: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, m) p(q) -> (B, m) q~ = LN_q(T_bar(p(q)))."""
+        return K.modulate_layernorm(
+            projected_queries,
+            document_transform,
+            self.query_norm.weight,
+            self.query_norm.bias,
+            self.config.modulation,
+            self.config.layer_norm_eps,
+        )
+
+    def query_state(
+        self,
+        projected_queries: torch.Tensor,
+        corpus: torch.Tensor,
+        feedback_ids: torch.Tensor,
+        feedback_weights: torch.Tensor | None = None,
+        cache: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything a query needs before documents are scored.
+
+        Returns:
+            (query_transform (B, OUT), document_transform (B, OUT), modulated queries (B, m)).
+        """
+        tq = self.query_transform(projected_queries)
+        td = self.document_transform(corpus, feedback_ids, tq, feedback_weights, cache)
+        return tq, td, self.modulate_queries(projected_queries, td)
+
+    def score_ids(
+        self,
+        corpus: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        query_transform: torch.Tensor,
+        modulated_queries: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, K) float32 ``cos(q~, LN_d(T_q(corpus[ids])))`` through the fused op."""
+        return K.modulated_score(
+            corpus,
+            candidate_ids,
+            query_transform,
+            self.doc_norm.weight,
+            self.doc_norm.bias,
+            modulated_queries,
+            self.config.modulation,
+            self.config.layer_norm_eps,
+        )
+
+    # ------------------------------------------------------------------ public scoring
+    def forward(
+        self,
+        queries: torch.Tensor,
+        candidates: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> IMRNNOutput:
+        """Score each query's candidates; the candidates are also its feedback set.
+
+        Args:
+            queries: (B, n) base-encoder query embeddings.
+            candidates: (B, K, n) base-encoder document embeddings, K >= 1.
+            weights: optional (B, K) non-negative feedback weights (None: uniform mean).
+
+        Returns:
+            :class:`IMRNNOutput` with scores (B, K) and the modulation vectors.
+        """
+        queries, candidates = self._check_pair(queries, candidates)
+        b, k, n = candidates.shape
+        pq = self.project(queries)
+        corpus = self.project(candidates.reshape(b * k, n))
+        ids = torch.arange(b * k, device=corpus.device).view(b, k)
+        tq, td, q_tilde = self.query_state(pq, corpus, ids, weights)
+        scores = self.score_ids(corpus, ids, tq, q_tilde)
+        pd = corpus.view(b, k, -1)
+        return IMRNNOutput(
+            scores=scores,
+            projected_queries=pq,
+            projected_documents=pd,
+            query_transform=tq,
+            document_transform=td,
+            modulated_queries=q_tilde,
+            modulated_documents=self.modulate_documents(pd, tq),
+        )
+
+    @torch.no_grad()
+    def score(
+        self,
+        queries: torch.Tensor,
+        candidates: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, n), (B, K, n) -> (B, K) float32 modulated cosines (inference, no grad)."""
+        queries, candidates = self._check_pair(queries, candidates)
+        b, k, n = candidates.shape
+        pq = self.project(queries)
+        corpus = self.project(candidates.reshape(b * k, n))
+        ids = torch.arange(b * k, device=corpus.device).view(b, k)
+        tq, _, q_tilde = self.query_state(pq, corpus, ids, weights)
+        return self.score_ids(corpus, ids, tq, q_tilde)
+
+    # ------------------------------------------------------------------ validation
+    def _check_embeddings(self, name: str, x: object, ndim: int | None) -> None:
+        x = V.check_float(name, x, ndim)
+        if x.shape[-1] != self.config.input_dim:
+            raise ValueError(
+                f"{name} must have last dim {self.config.input_dim} (the model's input_dim), "
+                f"got {V.describe(x)}"
+            )
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {self.device}")
+
+    def _check_pair(
+        self, queries: torch.Tensor, candidates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_embeddings("queries", queries, 2)
+        self._check_embeddings("candidates", candidates, 3)
+        if candidates.shape[0] != queries.shape[0]:
+            raise ValueError(
+                f"queries and candidates disagree on the batch size: queries "
+                f"{V.describe(queries)}, candidates {V.describe(candidates)}"
+            )
+        if candidates.shape[1] == 0:
+            raise ValueError(f"candidates is an empty candidate set: {V.describe(candidates)}")
+        V.check_finite("queries", queries)
+        V.check_finite("candidates", candidates)
+        return queries.to(self.dtype), candidates.to(self.dtype)
+
+
+def _weighted_mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """(B, K, D) -> (B, D): mean over K, weighted when weights (B, K) are given."""
+    if weights is None:
+        return x.mean(dim=1)
+    V.check_weights("feedback_weights", weights, tuple(x.shape[:2]))
+    w = weights.to(x.dtype)
+    return torch.einsum("bk,bkd->bd", w / w.sum(dim=1, keepdim=True), x)

@@ -1,0 +1,116 @@
+"""Input checks shared by every public op.
+
+Every public entry point validates before it launches anything, so a bad call fails with a
+message that names the argument, its shape and its dtype instead of a silent wrong score or
+an out-of-bounds read inside a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+MODULATIONS = ("diagonal", "affine")
+
+
+def describe(t: torch.Tensor) -> str:
+    """Short human description: shape, dtype and device."""
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float(name: str, t: object, ndim: int | Sequence[int] | None = None) -> torch.Tensor:
+    """A floating-point tensor of the given rank(s)."""
+    t = check_tensor(name, t)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {describe(t)}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have rank {want}, got {describe(t)}")
+    return t
+
+
+def check_ids(name: str, ids: object, num_rows: int) -> torch.Tensor:
+    """A (B, K) integer id table with every entry in [0, num_rows)."""
+    ids = check_tensor(name, ids)
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {describe(ids)}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, K), got {describe(ids)}")
+    if ids.shape[1] == 0:
+        raise ValueError(f"{name} is an empty candidate set: {describe(ids)}")
+    if ids.numel() > 0:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_rows:
+            raise ValueError(
+                f"{name} holds ids in [{lo}, {hi}], outside the corpus of {num_rows} rows"
+            )
+    return ids
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Reject NaN/Inf: they would propagate into every score that touches them."""
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/Inf values ({describe(t)})")
+
+
+def check_modulation(modulation: str) -> str:
+    if modulation not in MODULATIONS:
+        raise ValueError(f"modulation must be one of {MODULATIONS}, got {modulation!r}")
+    return modulation
+
+
+def transform_dim(dim: int, modulation: str) -> int:
+    """Width OUT of a transform vector: 2m (diagonal: scale, bias) or m*m + m (affine: W, b)."""
+    check_modulation(modulation)
+    return 2 * dim if modulation == "diagonal" else dim * dim + dim
+
+
+def check_transform(name: str, transform: object, batch: int, dim: int, modulation: str) -> None:
+    t = check_float(name, transform, 2)
+    out = transform_dim(dim, modulation)
+    if t.shape != (batch, out):
+        raise ValueError(
+            f"{name} must have shape ({batch}, {out}) for {modulation} modulation at dim {dim}, "
+            f"got {describe(t)}"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")
+    return next(iter(devices))
+
+
+def check_weights(name: str, weights: object, shape: tuple[int, int]) -> torch.Tensor:
+    """Non-negative finite (B, K) weights with a positive sum per row."""
+    w = check_float(name, weights, 2)
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {describe(w)}")
+    check_finite(name, w)
+    if bool((w < 0).any()):
+        raise ValueError(f"{name} must be non-negative ({describe(w)})")
+    if bool((w.sum(dim=1) <= 0).any()):
+        rows = torch.nonzero(w.sum(dim=1) <= 0).flatten().tolist()[:8]
+        raise ValueError(f"{name} rows {rows} sum to zero: a weighted mean is undefined")
+    return w
+
+
+def check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    return k

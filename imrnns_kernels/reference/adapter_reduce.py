@@ -1,0 +1,96 @@
+"""Per-document adapter generation with the (weighted) mean over each query's feedback set.
+
+Also the whole-corpus forms (``feedback="corpus"``): the mean transform over every document,
+and the per-document cache that turns :func:`adapter_reduce` into a weighted gather-mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from imrnns_kernels.reference.hypernet import activate, hypernet
+from imrnns_kernels.types import HyperNetWeights
+
+
+def _hidden(x: torch.Tensor, weights: HyperNetWeights) -> torch.Tensor:
+    """The HyperNet's last hidden state ``relu(W2 relu(W1 x + b1) + b2)``: (..., m) -> (..., h2)."""
+    h = F.relu(F.linear(x, weights.w1, weights.b1))
+    return F.relu(F.linear(h, weights.w2, weights.b2))
+
+
+def adapter_reduce(
+    corpus: torch.Tensor,
+    ids: torch.Tensor,
+    weights: HyperNetWeights,
+    feedback_weights: torch.Tensor | None = None,
+    modulation: str = "diagonal",
+    cache: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean document transform over each query's feedback set.
+
+    ``T_bar[b] = sum_k w[b,k] * act(A_d(corpus[ids[b,k]])) / sum_k w[b,k]``
+
+    Args:
+        corpus: (N, m) projected documents (fp32, fp16 or bf16; computed in fp32).
+        ids: (B, K) int64/int32 feedback-document ids into ``corpus``.
+        weights: document HyperNet weights (m -> h1 -> h2 -> OUT).
+        feedback_weights: (B, K) non-negative weights, or None for the uniform mean.
+        modulation: ``"diagonal"`` (OUT = 2m) or ``"affine"`` (OUT = m*m + m).
+        cache: optional per-document cache from :func:`document_transforms`: (N, OUT)
+            activated outputs ``act(A_d(corpus))`` for ``diagonal``, (N, h2) last hidden
+            states for ``affine``. When given, ``corpus`` is only used for its row count.
+
+    Returns:
+        (B, OUT) float32 mean transform. This reference materialises (B, K, OUT).
+    """
+    if cache is not None:
+        rows = cache[ids.long()].to(weights.w1.dtype)  # (B, K, OUT) or (B, K, h2)
+        per_doc = rows if modulation == "diagonal" else F.linear(rows, weights.w3, weights.b3)
+    else:
+        docs = corpus[ids.long()].to(weights.w1.dtype)  # (B, K, m)
+        per_doc = activate(hypernet(docs, weights), modulation)  # (B, K, OUT)
+    if feedback_weights is None:
+        return per_doc.mean(dim=1).float()
+    w = feedback_weights.to(per_doc.dtype)
+    w = w / w.sum(dim=1, keepdim=True)
+    return torch.einsum("bk,bko->bo", w, per_doc).float()
+
+
+def document_transforms(
+    corpus: torch.Tensor,
+    weights: HyperNetWeights,
+    modulation: str = "diagonal",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-document cache for :func:`adapter_reduce` (they depend only on the document).
+
+    Args:
+        corpus: (N, m) projected documents.
+        weights: document HyperNet weights.
+        modulation: ``"diagonal"``: returns (N, OUT) activated outputs ``act(A_d(d))``;
+            ``"affine"``: returns (N, h2) last hidden states, because the output layer is
+            linear and the mean of outputs is exactly ``W3 @ mean(h) + b3``.
+        chunk_rows: ignored here (the fused implementations bound their memory with it).
+
+    Returns:
+        (N, OUT) or (N, h2) float32 tensor.
+    """
+    docs = corpus.to(weights.w1.dtype)
+    if modulation == "affine":
+        return _hidden(docs, weights).float()
+    return activate(hypernet(docs, weights), modulation).float()
+
+
+def corpus_transform(
+    corpus: torch.Tensor,
+    weights: HyperNetWeights,
+    modulation: str = "diagonal",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Whole-corpus feedback: ``mean_{d in corpus} act(A_d(d))``, one (OUT,) float32 vector.
+
+    ``chunk_rows`` is ignored here; this reference materialises (N, OUT).
+    """
+    docs = corpus.to(weights.w1.dtype)
+    return activate(hypernet(docs, weights), modulation).mean(dim=0).float()
