@@ -53,9 +53,18 @@ def install_official(target: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".official-", dir=target.parent))
     try:
         cmd = [
-            sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-            "--disable-pip-version-check", "--target", str(tmp), f"imrnns=={OFFICIAL_VERSION}",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-compile",
+            "--disable-pip-version-check",
+            "--target",
+            str(tmp),
+            f"imrnns=={OFFICIAL_VERSION}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(

@@ -41,8 +41,9 @@ def test_official_v01_loads_and_matches_restatement(path: Path):
 @pytest.mark.parametrize("modulation", ["diagonal", "affine"])
 @pytest.mark.parametrize("aggregation", ["mean_of_transforms", "transform_of_mean"])
 def test_save_load_round_trip(tmp_path, modulation, aggregation):
-    cfg = IMRNNConfig(input_dim=30, dim=13, modulation=modulation, aggregation=aggregation,
-                      hidden_dims=(32, 16))  # fmt: skip
+    cfg = IMRNNConfig(
+        input_dim=30, dim=13, modulation=modulation, aggregation=aggregation, hidden_dims=(32, 16)
+    )
     model = randomised(cfg)
     out = model.save_pretrained(tmp_path / "adapter")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

@@ -105,9 +105,13 @@ def test_topk_rejects_empty_corpus():
 def test_adapter_reduce_validation():
     corpus = unit_rows(9, 5)
     w = K.HyperNetWeights(
-        torch.randn(16, 5), torch.randn(16), torch.randn(8, 16), torch.randn(8),
-        torch.randn(10, 8), torch.randn(10),
-    )  # fmt: skip
+        torch.randn(16, 5),
+        torch.randn(16),
+        torch.randn(8, 16),
+        torch.randn(8),
+        torch.randn(10, 8),
+        torch.randn(10),
+    )
     ids = torch.randint(0, 9, (2, 4))
     assert K.adapter_reduce(corpus, ids, w).shape == (2, 10)
     with pytest.raises(ValueError, match="does not match affine modulation"):

@@ -43,9 +43,13 @@ def test_scores_match_restatement(modulation, aggregation, n, m, weighted):
     state = model.state_dict()
     for i in range(b):
         want = restate_scores(
-            state, q[i], c[i], modulation=modulation, aggregation=aggregation,
+            state,
+            q[i],
+            c[i],
+            modulation=modulation,
+            aggregation=aggregation,
             weights=None if w is None else w[i],
-        )  # fmt: skip
+        )
         torch.testing.assert_close(got[i].double(), want, atol=1e-6, rtol=0)
 
 

@@ -59,8 +59,12 @@ def test_parity_with_official_v02(tmp_path, official_dir, seed, n, b, k):
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path), str(seed), str(n), str(b), str(k)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     io = torch.load(tmp_path / "io.pt", weights_only=True)
 

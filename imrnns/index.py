@@ -1,0 +1,531 @@
+"""IMRNNIndex: a faiss first stage plus the fused IMRNN stage, faiss-style API.
+
+Search for B queries, all batched (no per-query Python loop):
+
+1. First stage (faiss): the ``feedback_k`` nearest documents by cosine of the base-encoder
+   embeddings (``first_stage_space="base"``, the official evaluation protocol) or of the
+   projected ones (``"projected"``). Flat (exact), IVF or HNSW.
+2. Query state: ``T_q = act(A_q(p(q)))``; the feedback set's document transforms are
+   averaged (fused ``adapter_reduce``, from per-document results cached at ``add`` time when
+   possible) and refine the query into ``q~``.
+3. ``mode="rerank"`` (official behaviour): the feedback set is scored with the fused
+   ``modulated_score`` and sorted. ``mode="exhaustive"``: every document is scored with the
+   streaming ``modulated_topk``, so documents outside the feedback set can enter the top-k.
+
+Results are ``(scores (B, k) float32, ids (B, k) int64)``, best first, ties broken by the
+lower id, padded with ``-inf`` / ``-1`` when fewer than k documents qualify; numpy in gives
+numpy out, torch in gives torch out. ``save``/``load`` write a directory atomically with a
+manifest of SHA-256 checksums, so a truncated or tampered index fails to load loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import imrnns_kernels as K
+from imrnns._atomic import atomic_directory, resolve_directory
+from imrnns.checkpoints import load_pretrained, save_pretrained
+from imrnns.model import IMRNN
+from imrnns_kernels import _validation as V
+
+FORMAT = "imrnns-index"
+FORMAT_VERSION = 1
+FIRST_STAGES = ("flat", "ivf", "hnsw")
+SPACES = ("base", "projected")
+MODES = ("rerank", "exhaustive")
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Rows projected per step in add(): bounds the temporary (rows x n) float32 copies.
+ADD_CHUNK = 65536
+# Queries per step in search(): bounds (B x feedback_k x m) gathers.
+SEARCH_CHUNK = 4096
+
+
+class IndexError_(ValueError):
+    """An index directory is missing, truncated, tampered with, or inconsistent."""
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}"
+            )
+        return dtype
+    for name, value in STORAGE_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype}")
+
+
+def _as_tensor(x: Any, name: str) -> tuple[torch.Tensor, bool]:
+    """(float32 CPU-or-device tensor, was_numpy)."""
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"{name} must hold floats, got numpy dtype {x.dtype} {x.shape}")
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), True
+    if isinstance(x, torch.Tensor):
+        V.check_float(name, x)
+        return x.detach().float(), False
+    raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class IMRNNIndex:
+    """A searchable corpus for one IMRNN adapter.
+
+    Args:
+        model: the adapter (its config decides modulation and aggregation).
+        feedback_k: size of each query's feedback set F(q) (official default 100).
+        first_stage: ``"flat"`` (exact inner product), ``"ivf"`` or ``"hnsw"`` (faiss).
+        storage_dtype: dtype of the projected corpus kept for the IMRNN stage (fp32/fp16/bf16).
+        first_stage_space: ``"base"`` (cosine of base embeddings, the official protocol) or
+            ``"projected"`` (``p(q) . p(d)``).
+        cache_document_transforms: precompute each document's HyperNet result at ``add`` time
+            (it depends only on the document): ``(N, 2m)`` for diagonal, the ``(N, 64)``
+            hidden states for affine. Costs that memory, saves the MLP per query.
+        nlist, nprobe: IVF parameters (nlist default: about 4 sqrt(N) at first add).
+        hnsw_m, ef_search: HNSW parameters.
+        device: where the projected corpus and the model live (default: the model's device).
+        encoder: a fingerprint naming the encoder the embeddings come from; ``search`` and
+            ``load`` can check it so an index is never queried with another encoder.
+    """
+
+    def __init__(
+        self,
+        model: IMRNN,
+        feedback_k: int = 100,
+        first_stage: str = "flat",
+        storage_dtype: torch.dtype | str = torch.float32,
+        *,
+        first_stage_space: str = "base",
+        cache_document_transforms: bool = True,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        hnsw_m: int = 32,
+        ef_search: int = 128,
+        device: str | torch.device | None = None,
+        encoder: str | None = None,
+    ) -> None:
+        if not isinstance(model, IMRNN):
+            raise TypeError(f"model must be an IMRNN, got {type(model).__name__}")
+        if isinstance(feedback_k, bool) or not isinstance(feedback_k, int) or feedback_k <= 0:
+            raise ValueError(f"feedback_k must be a positive int, got {feedback_k!r}")
+        if first_stage not in FIRST_STAGES:
+            raise ValueError(f"first_stage must be one of {FIRST_STAGES}, got {first_stage!r}")
+        if first_stage_space not in SPACES:
+            raise ValueError(
+                f"first_stage_space must be one of {SPACES}, got {first_stage_space!r}"
+            )
+        self.model = model.eval()
+        self.device = torch.device(device) if device is not None else model.device
+        self.model.to(self.device)
+        self.feedback_k = feedback_k
+        self.first_stage = first_stage
+        self.storage_dtype = STORAGE_DTYPES[_dtype_name(storage_dtype)]
+        self.first_stage_space = first_stage_space
+        self.cache_document_transforms = cache_document_transforms
+        self.nlist, self.nprobe = nlist, nprobe
+        self.hnsw_m, self.ef_search = hnsw_m, ef_search
+        self.encoder = encoder
+        cfg = model.config
+        self._corpus = torch.empty(0, cfg.working_dim, dtype=self.storage_dtype, device=self.device)
+        self._doc_cache: torch.Tensor | None = None
+        self._faiss: Any = None
+        # Optional external document ids (e.g. BEIR corpus ids), parallel to positions.
+        self.doc_ids: list[str] | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def ntotal(self) -> int:
+        """Number of documents in the index."""
+        return int(self._corpus.shape[0])
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def __repr__(self) -> str:
+        return (
+            f"IMRNNIndex(ntotal={self.ntotal}, feedback_k={self.feedback_k}, "
+            f"first_stage={self.first_stage!r}, space={self.first_stage_space!r}, "
+            f"storage={_dtype_name(self.storage_dtype)}, modulation={self.model.config.modulation!r})"
+        )
+
+    @property
+    def projected_corpus(self) -> torch.Tensor:
+        """(N, m) projected documents in the storage dtype."""
+        return self._corpus
+
+    @property
+    def _uses_cache(self) -> bool:
+        return (
+            self.cache_document_transforms
+            and self.model.config.aggregation == "mean_of_transforms"
+            and hasattr(K, "document_transforms")
+        )
+
+    # ------------------------------------------------------------------ building
+    def _new_faiss(self, dim: int, train: np.ndarray) -> Any:
+        metric = faiss.METRIC_INNER_PRODUCT
+        if self.first_stage == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif self.first_stage == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, metric)
+            index.hnsw.efSearch = self.ef_search
+        else:
+            nlist = self.nlist or max(1, int(4 * np.sqrt(len(train))))
+            if len(train) < nlist:
+                raise ValueError(
+                    f"an IVF first stage with nlist={nlist} needs at least {nlist} documents in "
+                    f"the first add(), got {len(train)}"
+                )
+            self.nlist = nlist
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, metric)
+            index.train(train)
+            index.nprobe = self.nprobe
+        return _maybe_to_gpu(index, self.device)
+
+    @torch.no_grad()
+    def add(
+        self, embeddings: np.ndarray | torch.Tensor, doc_ids: list[str] | None = None
+    ) -> np.ndarray | torch.Tensor:
+        """Add (N, n) base-encoder document embeddings; return their ids (same type as given).
+
+        Ids are consecutive positions: the first document ever added is 0. ``doc_ids``
+        optionally names the documents (kept in :attr:`doc_ids`, saved with the index);
+        give them on every add or on none.
+        """
+        x, was_numpy = _as_tensor(embeddings, "embeddings")
+        cfg = self.model.config
+        if doc_ids is not None:
+            if len(doc_ids) != x.shape[0] or not all(isinstance(d, str) for d in doc_ids):
+                raise ValueError(f"doc_ids must be {x.shape[0]} strings, one per embedding row")
+        if (doc_ids is None) != (self.doc_ids is None) and self.ntotal > 0:
+            raise ValueError("doc_ids must be given on every add() or on none")
+        if x.dim() != 2 or x.shape[1] != cfg.input_dim:
+            raise ValueError(
+                f"embeddings must have shape (N, {cfg.input_dim}), got {tuple(x.shape)} ({x.dtype})"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("embeddings is empty: nothing to add")
+        V.check_finite("embeddings", x)
+        start = self.ntotal
+        projected, space = [], []
+        for lo in range(0, x.shape[0], ADD_CHUNK):
+            chunk = x[lo : lo + ADD_CHUNK].to(self.device)
+            p = self.model.project(chunk)
+            projected.append(p.to(self.storage_dtype))
+            if self.first_stage_space == "base":
+                space.append(torch.nn.functional.normalize(chunk, dim=1).cpu())
+            else:
+                space.append(p.float().cpu())
+        new_rows = torch.cat(projected)
+        fs = np.ascontiguousarray(torch.cat(space).numpy(), dtype=np.float32)
+        if self._faiss is None:
+            self._faiss = self._new_faiss(fs.shape[1], fs)
+        self._faiss.add(fs)
+        if self._uses_cache:
+            cache = K.document_transforms(
+                new_rows, self.model.doc_hypernet.weights(), cfg.modulation
+            )
+            self._doc_cache = (
+                cache if self._doc_cache is None else torch.cat([self._doc_cache, cache])
+            )
+        self._corpus = torch.cat([self._corpus, new_rows])
+        if doc_ids is not None:
+            self.doc_ids = (self.doc_ids or []) + list(doc_ids)
+        ids = torch.arange(start, self.ntotal, dtype=torch.int64)
+        return ids.numpy() if was_numpy else ids
+
+    # ------------------------------------------------------------------ searching
+    def _first_stage(
+        self, q: torch.Tensor, pq: torch.Tensor, kf: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.first_stage_space == "base":
+            space = torch.nn.functional.normalize(q, dim=1)
+        else:
+            space = pq.float()
+        fs = np.ascontiguousarray(space.cpu().numpy(), dtype=np.float32)
+        scores, ids = self._faiss.search(fs, kf)
+        return torch.from_numpy(scores).to(self.device), torch.from_numpy(ids).to(self.device)
+
+    def _check_queries(self, queries: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
+        if self.ntotal == 0:
+            raise ValueError("the index is empty: add() documents before searching")
+        q, was_numpy = _as_tensor(queries, "queries")
+        n = self.model.config.input_dim
+        if q.dim() != 2 or q.shape[1] != n:
+            raise ValueError(f"queries must have shape (B, {n}), got {tuple(q.shape)} ({q.dtype})")
+        V.check_finite("queries", q)
+        return q, was_numpy
+
+    @torch.no_grad()
+    def first_stage_search(
+        self, queries: np.ndarray | torch.Tensor, k: int
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
+        """The first stage alone (the base retriever when ``first_stage_space="base"``).
+
+        Returns faiss's (scores (B, k), ids (B, k)), ``-1`` padded, same type as ``queries``.
+        """
+        V.check_k(k)
+        q, was_numpy = self._check_queries(queries)
+        q = q.to(self.device)
+        pq = self.model.project(q) if self.first_stage_space == "projected" else q
+        scores, ids = self._first_stage(q, pq, k)
+        if was_numpy:
+            return scores.cpu().numpy(), ids.cpu().numpy()
+        return scores, ids
+
+    @torch.no_grad()
+    def search(
+        self,
+        queries: np.ndarray | torch.Tensor,
+        k: int = 10,
+        mode: str = "rerank",
+        *,
+        feedback_k: int | None = None,
+        encoder: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
+        """Top-k documents for (B, n) base-encoder query embeddings.
+
+        Args:
+            queries: (B, n) numpy array or torch tensor.
+            k: results per query. In rerank mode at most ``feedback_k`` are real; the rest
+                are padding (score ``-inf``, id ``-1``), as with k > N in exhaustive mode.
+            mode: ``"rerank"`` (score the feedback set) or ``"exhaustive"`` (score all).
+            feedback_k: override the index's feedback set size for this call.
+            encoder: when given and the index records its encoder, they must match.
+
+        Returns:
+            (scores (B, k) float32, ids (B, k) int64), same container type as ``queries``.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        V.check_k(k)
+        kf_req = self.feedback_k if feedback_k is None else feedback_k
+        if isinstance(kf_req, bool) or not isinstance(kf_req, int) or kf_req <= 0:
+            raise ValueError(f"feedback_k must be a positive int, got {kf_req!r}")
+        if encoder is not None and self.encoder is not None and encoder != self.encoder:
+            raise ValueError(
+                f"queries come from encoder {encoder!r} but this index was built with "
+                f"{self.encoder!r}: scores across encoders are meaningless"
+            )
+        q, was_numpy = self._check_queries(queries)
+        outs = [
+            self._search_chunk(q[lo : lo + SEARCH_CHUNK], k, mode, min(kf_req, self.ntotal))
+            for lo in range(0, q.shape[0], SEARCH_CHUNK)
+        ]
+        scores = torch.cat([o[0] for o in outs]) if outs else torch.empty(0, k)
+        ids = torch.cat([o[1] for o in outs]) if outs else torch.empty(0, k, dtype=torch.int64)
+        if was_numpy:
+            return scores.cpu().numpy(), ids.cpu().numpy()
+        return scores, ids
+
+    def _search_chunk(
+        self, q: torch.Tensor, k: int, mode: str, kf: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = q.to(self.device)
+        model = self.model
+        pq = model.project(q)
+        fs_scores, fs_ids = self._first_stage(q, pq, kf)
+        valid = fs_ids >= 0  # IVF/HNSW can return fewer than kf hits: faiss pads with -1
+        safe_ids = torch.where(valid, fs_ids, torch.zeros_like(fs_ids))
+        weights = model.feedback_weights(
+            torch.where(valid, fs_scores, torch.full_like(fs_scores, -1e4))
+        )
+        if not bool(valid.all()):
+            if not bool(valid.any(dim=1).all()):
+                raise ValueError("the first stage returned no documents for some queries")
+            mask = valid.to(torch.float32)
+            weights = mask if weights is None else weights * mask
+        tq, _, q_tilde = model.query_state(pq, self._corpus, safe_ids, weights, self._doc_cache)
+        if mode == "exhaustive":
+            return K.modulated_topk(
+                self._corpus,
+                tq,
+                model.doc_norm.weight,
+                model.doc_norm.bias,
+                q_tilde,
+                k,
+                model.config.modulation,
+                model.config.layer_norm_eps,
+            )
+        scores = model.score_ids(self._corpus, safe_ids, tq, q_tilde)
+        scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
+        return _topk_by_score_then_id(scores, torch.where(valid, fs_ids, -1), k)
+
+    # ------------------------------------------------------------------ persistence
+    def _index_config(self) -> dict[str, Any]:
+        return {
+            "feedback_k": self.feedback_k,
+            "first_stage": self.first_stage,
+            "storage_dtype": _dtype_name(self.storage_dtype),
+            "first_stage_space": self.first_stage_space,
+            "cache_document_transforms": self.cache_document_transforms,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "hnsw_m": self.hnsw_m,
+            "ef_search": self.ef_search,
+            "encoder": self.encoder,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the index to ``directory`` atomically (temporary directory, then rename).
+
+        Layout: ``manifest.json`` (config, sizes, SHA-256 of every file), ``adapter/`` (the
+        model, as :meth:`IMRNN.save_pretrained`), ``corpus.safetensors`` (projected corpus,
+        per-document cache), ``first_stage.faiss``. A failure at any point leaves the
+        previous content of ``directory`` intact.
+        """
+        directory = Path(directory)
+        if self._faiss is None:
+            raise ValueError("the index is empty: nothing to save")
+        with atomic_directory(directory) as tmp:
+            save_pretrained(self.model, tmp / "adapter")
+            tensors = {"projected": self._corpus.detach().cpu().contiguous()}
+            if self._doc_cache is not None:
+                tensors["doc_cache"] = self._doc_cache.detach().cpu().contiguous()
+            save_file(tensors, str(tmp / "corpus.safetensors"))
+            faiss.write_index(_maybe_to_cpu(self._faiss), str(tmp / "first_stage.faiss"))
+            if self.doc_ids is not None:
+                (tmp / "doc_ids.json").write_text(json.dumps(self.doc_ids))
+            files = {}
+            for path in sorted(tmp.rglob("*")):
+                if path.is_file():
+                    rel = path.relative_to(tmp).as_posix()
+                    files[rel] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "ntotal": self.ntotal,
+                "index": self._index_config(),
+                "files": files,
+            }
+            (tmp / "manifest.json").write_text(
+                json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+            )
+        return directory
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, *, device: str | torch.device | None = None, verify: bool = True
+    ) -> IMRNNIndex:
+        """Load an index written by :meth:`save`.
+
+        Args:
+            directory: the index directory.
+            device: where to place the corpus and model (default CPU).
+            verify: check every file's size and SHA-256 against the manifest (recommended;
+                costs one read of the files).
+
+        Raises:
+            FileNotFoundError: the directory or a file it lists is missing.
+            ValueError: a file is truncated or modified, or the pieces disagree.
+        """
+        directory = resolve_directory(directory)
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{directory} is not an IMRNN index: no manifest.json")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IndexError_(f"{manifest_path}: not valid JSON ({exc})") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise IndexError_(f"{manifest_path}: not an {FORMAT} manifest")
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise IndexError_(f"{manifest_path}: format_version is newer than this library reads")
+        for rel, meta in manifest.get("files", {}).items():
+            path = directory / rel
+            if not path.is_file():
+                raise FileNotFoundError(f"index file missing: {path}")
+            if path.stat().st_size != meta["bytes"]:
+                raise IndexError_(
+                    f"{path}: {path.stat().st_size} bytes, the manifest says {meta['bytes']}: "
+                    "the file is truncated or was modified"
+                )
+            if verify and _sha256(path) != meta["sha256"]:
+                raise IndexError_(
+                    f"{path}: SHA-256 differs from the manifest: the file was modified"
+                )
+        model = load_pretrained(directory / "adapter")
+        cfg = dict(manifest["index"])
+        index = cls(model, device=device or "cpu", **cfg)
+        try:
+            tensors = load_file(str(directory / "corpus.safetensors"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise IndexError_(f"{directory / 'corpus.safetensors'}: unreadable ({exc})") from exc
+        corpus = tensors.get("projected")
+        n = manifest.get("ntotal")
+        if corpus is None or tuple(corpus.shape) != (n, model.config.working_dim):
+            raise IndexError_(
+                f"{directory / 'corpus.safetensors'}: projected corpus shape "
+                f"{None if corpus is None else tuple(corpus.shape)} does not match the manifest "
+                f"({n}, {model.config.working_dim})"
+            )
+        index._corpus = corpus.to(index.device, index.storage_dtype)
+        cache = tensors.get("doc_cache")
+        index._doc_cache = None if cache is None else cache.to(index.device)
+        index._faiss = _maybe_to_gpu(
+            faiss.read_index(str(directory / "first_stage.faiss")), index.device
+        )
+        if index._faiss.ntotal != n:
+            raise IndexError_(
+                f"{directory}: first stage holds {index._faiss.ntotal} rows, corpus {n}"
+            )
+        doc_ids_path = directory / "doc_ids.json"
+        if "doc_ids.json" in manifest.get("files", {}):
+            index.doc_ids = json.loads(doc_ids_path.read_text())
+            if len(index.doc_ids) != n:
+                raise IndexError_(f"{doc_ids_path}: {len(index.doc_ids)} ids for {n} documents")
+        if index.first_stage == "ivf":
+            faiss.extract_index_ivf(index._faiss).nprobe = index.nprobe
+        return index
+
+
+def _topk_by_score_then_id(
+    scores: torch.Tensor, ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of (B, K) scores with ties broken by the lower id; pad with -inf / -1."""
+    b, kk = scores.shape
+    # Order by id first, then a stable sort by score keeps equal scores in id order.
+    by_id = torch.argsort(
+        torch.where(ids < 0, torch.iinfo(torch.int64).max, ids), dim=1, stable=True
+    )
+    s, i = scores.gather(1, by_id), ids.gather(1, by_id)
+    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    s, i = s.gather(1, order), i.gather(1, order)
+    take = min(k, kk)
+    out_s = torch.full((b, k), float("-inf"), dtype=torch.float32, device=scores.device)
+    out_i = torch.full((b, k), -1, dtype=torch.int64, device=scores.device)
+    out_s[:, :take], out_i[:, :take] = s[:, :take], i[:, :take]
+    out_i[torch.isinf(out_s)] = -1
+    return out_s, out_i
+
+
+def _maybe_to_gpu(index: Any, device: torch.device) -> Any:
+    """Move a faiss index to the GPU when faiss-gpu is installed and the corpus lives there."""
+    if device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
+        res = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(res, device.index or 0, index)
+    return index
+
+
+def _maybe_to_cpu(index: Any) -> Any:
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        return faiss.index_gpu_to_cpu(index)
+    return index
