@@ -3,8 +3,9 @@
 Search for B queries, all batched (no per-query Python loop):
 
 1. First stage (faiss): the ``feedback_k`` nearest documents by cosine of the base-encoder
-   embeddings (``first_stage_space="base"``, the official evaluation protocol) or of the
-   projected ones (``"projected"``). Flat (exact), IVF or HNSW.
+   embeddings (``first_stage_space="base"``, the official v0.2 evaluation) or of the
+   projected ones (``"projected"``, the official v0.1 protocol); by default the one that
+   matches the model's semantics. Flat (exact), IVF or HNSW.
 2. Query state: ``T_q = act(A_q(p(q)))``; the feedback set's document transforms are
    averaged (fused ``adapter_reduce``, from per-document results cached at ``add`` time when
    possible) and refine the query into ``q~``.
@@ -40,7 +41,7 @@ from imrnns_kernels import _validation as V
 FORMAT = "imrnns-index"
 FORMAT_VERSION = 1
 FIRST_STAGES = ("flat", "ivf", "hnsw")
-SPACES = ("base", "projected")
+SPACES = ("base", "projected", "auto")
 MODES = ("rerank", "exhaustive")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Rows projected per step in add(): bounds the temporary (rows x n) float32 copies.
@@ -94,8 +95,10 @@ class IMRNNIndex:
         feedback_k: size of each query's feedback set F(q) (official default 100).
         first_stage: ``"flat"`` (exact inner product), ``"ivf"`` or ``"hnsw"`` (faiss).
         storage_dtype: dtype of the projected corpus kept for the IMRNN stage (fp32/fp16/bf16).
-        first_stage_space: ``"base"`` (cosine of base embeddings, the official protocol) or
-            ``"projected"`` (``p(q) . p(d)``).
+        first_stage_space: ``"base"`` (cosine of base embeddings, the official v0.2
+            evaluation), ``"projected"`` (``p(q) . p(d)``, the official v0.1 protocol: with it
+            the official SciFact v0.1 checkpoint reproduces its published nDCG@10 0.250), or
+            ``"auto"``: projected for ``transform_of_mean`` (v0.1) models, base otherwise.
         cache_document_transforms: precompute each document's HyperNet result at ``add`` time
             (it depends only on the document): ``(N, 2m)`` for diagonal, the ``(N, 64)``
             hidden states for affine. Costs that memory, saves the MLP per query.
@@ -113,7 +116,7 @@ class IMRNNIndex:
         first_stage: str = "flat",
         storage_dtype: torch.dtype | str = torch.float32,
         *,
-        first_stage_space: str = "base",
+        first_stage_space: str = "auto",
         cache_document_transforms: bool = True,
         nlist: int | None = None,
         nprobe: int = 16,
@@ -138,6 +141,9 @@ class IMRNNIndex:
         self.feedback_k = feedback_k
         self.first_stage = first_stage
         self.storage_dtype = STORAGE_DTYPES[_dtype_name(storage_dtype)]
+        if first_stage_space == "auto":
+            v01 = model.config.aggregation == "transform_of_mean"
+            first_stage_space = "projected" if v01 else "base"
         self.first_stage_space = first_stage_space
         self.cache_document_transforms = cache_document_transforms
         self.nlist, self.nprobe = nlist, nprobe

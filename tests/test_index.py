@@ -42,7 +42,7 @@ def test_rerank_equals_model_score_on_first_stage_candidates(
     corpus, queries, modulation, aggregation
 ):
     model = model_for(modulation, aggregation)
-    index = IMRNNIndex(model, feedback_k=20)
+    index = IMRNNIndex(model, feedback_k=20, first_stage_space="base")
     ids_added = index.add(corpus)
     assert isinstance(ids_added, np.ndarray) and ids_added.tolist() == list(range(N))
     scores, ids = index.search(queries, k=10)
@@ -131,6 +131,13 @@ def test_approximate_first_stages_run(corpus, queries, first_stage):
     flat.add(corpus)
     # nprobe == nlist makes IVF exact; HNSW at this size is exact in practice
     np.testing.assert_array_equal(i, flat.search(queries, 5)[1])
+
+
+def test_auto_first_stage_space_follows_semantics():
+    assert IMRNNIndex(model_for()).first_stage_space == "base"
+    v01 = model_for(aggregation="transform_of_mean")
+    assert IMRNNIndex(v01).first_stage_space == "projected"
+    assert IMRNNIndex(v01, first_stage_space="base").first_stage_space == "base"
 
 
 def test_projected_first_stage_space(corpus, queries):

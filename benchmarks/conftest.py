@@ -1,0 +1,43 @@
+"""Shared benchmark set-up: real compiled kernels on GPU, machine facts in every JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import pytest
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for every figure we quote."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{cpu_model()} ({os.cpu_count()} cores, CPU)"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["imrnns_device"] = device_name()
+    machine_info["torch"] = torch.__version__
+    machine_info["torch_threads"] = torch.get_num_threads()
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        pass
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

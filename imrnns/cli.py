@@ -1,0 +1,297 @@
+"""Command line: ``imrnns encode | search | evaluate | train | demo`` (also ``python -m imrnns``).
+
+Every command has ``--help``; ``--json`` prints one machine-readable JSON object on stdout
+(progress bars and logs go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_ENCODER = "minilm"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _encoder(name: str, cache: str | None, quiet: bool = False) -> Any:
+    from imrnns.encoders import Encoder, default_cache_dir
+
+    return Encoder(name, cache_dir=cache or default_cache_dir(), show_progress=not quiet)
+
+
+def _emit(payload: dict[str, Any], as_json: bool, text: str) -> None:
+    if as_json:
+        print(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable))
+    else:
+        print(text)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def pretrained_dir() -> Path:
+    """Folder of the adapters shipped with the package."""
+    return Path(__file__).resolve().parent / "pretrained"
+
+
+def default_adapter() -> Path:
+    """The shipped SciFact MiniLM adapter (trained on SciFact train; see its README)."""
+    root = pretrained_dir()
+    found = sorted(p for p in root.glob("scifact-minilm-*") if (p / "config.json").is_file())
+    if not found:
+        raise FileNotFoundError(
+            f"no shipped adapter under {root}; pass --checkpoint or run `imrnns train` first"
+        )
+    return found[0]
+
+
+# --------------------------------------------------------------------------- encode
+def cmd_encode(args: argparse.Namespace) -> int:
+    from imrnns.data import load_beir
+
+    data = load_beir(args.data, args.split)
+    enc = _encoder(args.encoder, args.cache, args.json)
+    t0 = time.perf_counter()
+    docs = enc.encode_document(data.corpus_texts)
+    queries = enc.encode_query(data.query_texts)
+    secs = time.perf_counter() - t0
+    out = None
+    if args.out:
+        from imrnns._atomic import atomic_file
+
+        out = Path(args.out)
+        with atomic_file(out) as fh:
+            np.savez(
+                fh,
+                corpus=docs,
+                queries=queries,
+                corpus_ids=np.array(data.corpus_ids),
+                query_ids=np.array(data.query_ids),
+            )
+    payload = {
+        "encoder": enc.name,
+        "fingerprint": enc.fingerprint,
+        "documents": int(docs.shape[0]),
+        "queries": int(queries.shape[0]),
+        "dim": int(docs.shape[1]),
+        "seconds": round(secs, 3),
+        "out": str(out) if out else None,
+    }
+    _emit(
+        payload,
+        args.json,
+        f"encoded {docs.shape[0]} documents and {queries.shape[0]} queries "
+        f"({docs.shape[1]}-d, {enc.name}) in {secs:.1f} s" + (f" -> {out}" if out else ""),
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- search
+def _build_index(args: argparse.Namespace, enc: Any) -> Any:
+    from imrnns import IMRNN, IMRNNIndex
+    from imrnns.data import load_beir
+
+    if args.index:
+        return IMRNNIndex.load(args.index)
+    data = load_beir(args.data, args.split)
+    model = IMRNN.from_pretrained(args.checkpoint or default_adapter())
+    index = IMRNNIndex(
+        model,
+        feedback_k=args.feedback_k,
+        first_stage=args.first_stage,
+        storage_dtype=args.storage_dtype,
+        encoder=enc.fingerprint,
+    )
+    index.add(enc.encode_document(data.corpus_texts), doc_ids=data.corpus_ids)
+    if args.save_index:
+        index.save(args.save_index)
+    return index
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    enc = _encoder(args.encoder, args.cache, args.json)
+    index = _build_index(args, enc)
+    # One-off query texts: caching each distinct list would litter the cache.
+    q = enc.encode_query(args.query, cache=False)
+    t0 = time.perf_counter()
+    scores, ids = index.search(q, k=args.k, mode=args.mode, encoder=enc.fingerprint)
+    ms = (time.perf_counter() - t0) * 1e3
+    names = index.doc_ids
+    results = []
+    lines = []
+    for text, srow, irow in zip(args.query, scores, ids, strict=True):
+        hits = [
+            {"rank": r + 1, "id": int(i), "doc_id": names[i] if names else None, "score": float(s)}
+            for r, (s, i) in enumerate(zip(srow, irow, strict=True))
+            if i >= 0
+        ]
+        results.append({"query": text, "hits": hits})
+        lines.append(f"query: {text}")
+        lines += [f"  {h['rank']:>3}  {h['score']:+.4f}  {h['doc_id'] or h['id']}" for h in hits]
+    _emit(
+        {"mode": args.mode, "k": args.k, "milliseconds": round(ms, 3), "results": results},
+        args.json,
+        "\n".join(lines),
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate / train
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imrnns.evaluate import evaluate_beir
+
+    payload = evaluate_beir(
+        data_dir=args.data,
+        split=args.split,
+        checkpoint=args.checkpoint or default_adapter(),
+        mode=args.mode,
+        encoder=args.encoder,
+        cache_dir=args.cache,
+        feedback_k=args.feedback_k,
+        per_query_out=args.per_query,
+        show_progress=not args.json,
+    )
+    _emit(payload, args.json, json.dumps(payload, indent=2, default=_jsonable))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imrnns.train import train_from_beir
+
+    payload = train_from_beir(
+        data_dir=args.data,
+        split=args.split,
+        out_dir=args.out,
+        encoder=args.encoder,
+        cache_dir=args.cache,
+        modulation=args.modulation,
+        seed=args.seed,
+        epochs=args.epochs,
+        show_progress=not args.json,
+    )
+    _emit(payload, args.json, json.dumps(payload, indent=2, default=_jsonable))
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imrnns.demo import run_demo
+
+    payload, text = run_demo(
+        checkpoint=args.checkpoint,
+        encoder=args.encoder,
+        cache_dir=args.cache,
+        feedback_k=args.feedback_k,
+        show_progress=not args.json,
+    )
+    _emit(payload, args.json, text)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from imrnns.data import scifact_path
+
+    p = argparse.ArgumentParser(prog="imrnns", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, data: bool = True) -> None:
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.add_argument(
+            "--encoder",
+            default=DEFAULT_ENCODER,
+            help="encoder preset name or local model folder (default: minilm)",
+        )
+        sp.add_argument(
+            "--cache",
+            default=None,
+            help="embedding cache folder (default: $IMRNNS_CACHE or ~/.cache/imrnns/embeddings)",
+        )
+        if data:
+            sp.add_argument(
+                "--data",
+                default=str(scifact_path()),
+                help="BEIR folder (default: the vendored SciFact)",
+            )
+            sp.add_argument("--split", default="test", help="qrels split (default: test)")
+
+    def index_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--checkpoint",
+            default=None,
+            help="adapter: our directory or an official .pt (default: the shipped SciFact adapter)",
+        )
+        sp.add_argument(
+            "--feedback-k", type=int, default=100, help="feedback set size (default 100)"
+        )
+        sp.add_argument("--mode", choices=("rerank", "exhaustive"), default="rerank")
+
+    sp = sub.add_parser("encode", help="encode a BEIR folder (cached on disk)")
+    common(sp)
+    sp.add_argument("--out", default=None, help="also write the embeddings to this .npz")
+    sp.set_defaults(func=cmd_encode)
+
+    sp = sub.add_parser("search", help="search a corpus with IMRNN for one or more query texts")
+    common(sp)
+    index_opts(sp)
+    sp.add_argument("query", nargs="+", help="query text(s)")
+    sp.add_argument("--k", type=int, default=10)
+    sp.add_argument("--index", default=None, help="load a saved index instead of building one")
+    sp.add_argument("--save-index", default=None, help="save the built index here")
+    sp.add_argument("--first-stage", choices=("flat", "ivf", "hnsw"), default="flat")
+    sp.add_argument(
+        "--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32"
+    )
+    sp.set_defaults(func=cmd_search)
+
+    sp = sub.add_parser("evaluate", help="nDCG@10 / Recall@100 / MRR@10, base vs IMRNN")
+    common(sp)
+    index_opts(sp)
+    sp.add_argument("--per-query", default=None, help="write per-query metrics to this JSON file")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("train", help="train an adapter on a BEIR folder")
+    common(sp)
+    sp.set_defaults(split="train")
+    sp.add_argument("--out", required=True, help="output directory (checkpoints each epoch)")
+    sp.add_argument("--modulation", choices=("diagonal", "affine"), default="diagonal")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--epochs", type=int, default=None)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("demo", help="the main job: SciFact end to end with MiniLM")
+    common(sp, data=False)
+    sp.add_argument("--checkpoint", default=None, help="adapter (default: the shipped one)")
+    sp.add_argument("--feedback-k", type=int, default=100)
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        _log(f"imrnns {args.command}: error: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
