@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -87,7 +88,13 @@ def resolve_directory(path: str | Path) -> Path:
     path = Path(path)
     if path.exists():
         return path
-    olds = sorted(path.parent.glob(f".{path.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    # Exactly mkdtemp's names for this path (8 random characters): a bare glob would also
+    # match a sibling's debris (".idx.v2.<random>.old" for "idx.v2" when reading "idx").
+    own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.old")
+    olds = sorted(
+        (p for p in path.parent.glob(f".{path.name}.*.old") if own.fullmatch(p.name)),
+        key=lambda p: p.stat().st_mtime,
+    )
     if olds:
         return olds[-1]
     raise FileNotFoundError(f"no such directory: {path}")

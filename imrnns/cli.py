@@ -125,6 +125,10 @@ def _build_index(args: argparse.Namespace, enc: Any) -> Any:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    if getattr(args, "distributed", False):
+        from imrnns.distributed import run_distributed_search
+
+        return run_distributed_search(args)
     enc = _encoder(args.encoder, args.cache, args.json)
     index = _build_index(args, enc)
     # One-off query texts: caching each distinct list would litter the cache.
@@ -189,6 +193,76 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- explain
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Token-level explanations: of each query's top documents, or of given pairs."""
+    from imrnns import IMRNN
+    from imrnns.data import load_beir
+    from imrnns.explain import CorpusVocabulary, Explainer, format_table, render_html
+
+    if args.top_k <= 0 or args.k <= 0:
+        raise ValueError(f"--top-k and --k must be positive, got {args.top_k} and {args.k}")
+    enc = _encoder(args.encoder, args.cache, args.json)
+    data = load_beir(args.data, args.split)
+    queries = list(args.query)
+    q_emb = enc.encode_query(queries, cache=False)
+    if args.document is not None:
+        # Given pairs: each query with the document, which is also its feedback set.
+        model = IMRNN.from_pretrained(args.checkpoint or default_adapter())
+        index, feedback = None, None
+        qt, dt, ids = queries, [args.document] * len(queries), None
+        d_emb = enc.encode_document(dt, cache=False)
+    else:
+        index = _build_index(args, enc)
+        model, feedback = index.model, index
+        _, hits = index.search(q_emb, k=args.k, mode=args.mode, encoder=enc.fingerprint)
+        texts = dict(zip(data.corpus_ids, data.corpus_texts, strict=True))
+        names = index.doc_ids or data.corpus_ids
+        rows = [(r, int(i)) for r in range(len(queries)) for i in hits[r] if i >= 0]
+        qt = [queries[r] for r, _ in rows]
+        ids = [names[i] for _, i in rows]
+        dt = [texts.get(name, "") for name in ids]
+        q_emb = q_emb[[r for r, _ in rows]]
+        if args.index:
+            # A loaded index keeps projected documents only: encode the hits' texts.
+            d_emb = enc.encode_document(dt, cache=False)
+        else:
+            # _build_index just encoded this corpus: a cache hit, row i is document i.
+            d_emb = enc.encode_document(data.corpus_texts)[[i for _, i in rows]]
+    vocab = CorpusVocabulary.from_texts(data.corpus_texts, enc.tokenizer)
+    explainer = Explainer(model, enc.token_embeddings(), enc.tokenizer, idf=vocab)
+    t0 = time.perf_counter()
+    explanations = explainer.explain(
+        q_emb,
+        d_emb,
+        top_k=args.top_k,
+        filter=not args.no_filter,
+        query_texts=qt,
+        doc_texts=dt,
+        doc_ids=ids,
+        feedback=feedback,
+    )
+    ms = (time.perf_counter() - t0) * 1e3
+    html_path = None
+    if args.html:
+        html_path = Path(args.html).resolve()
+        render_html(explanations, html_path)
+        _log(f"wrote {html_path}")
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(html_path.as_uri())
+    payload = {
+        "method": explanations[0].method if explanations else None,
+        "feedback": "document" if index is None else f"index (feedback_k={index.feedback_k})",
+        "milliseconds": round(ms, 3),
+        "html": str(html_path) if html_path else None,
+        "explanations": [e.to_dict() for e in explanations],
+    }
+    _emit(payload, args.json, format_table(explanations))
+    return 0
+
+
 # --------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from imrnns.demo import run_demo
@@ -202,6 +276,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     _emit(payload, args.json, text)
     return 0
+
+
+# --------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from imrnns.bench import run_from_args
+
+    return run_from_args(args)
 
 
 # --------------------------------------------------------------------------- parser
@@ -258,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32"
     )
+    from imrnns.distributed import add_distributed_arguments
+
+    add_distributed_arguments(sp)
     sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("evaluate", help="nDCG@10 / Recall@100 / MRR@10, base vs IMRNN")
@@ -275,11 +359,44 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int, default=None)
     sp.set_defaults(func=cmd_train)
 
+    sp = sub.add_parser(
+        "explain",
+        help="token-level explanations (Moore-Penrose back-projection) of IMRNN rankings",
+    )
+    common(sp)
+    index_opts(sp)
+    sp.add_argument("query", nargs="+", help="query text(s)")
+    sp.add_argument(
+        "--document",
+        default=None,
+        help="explain each query with this document text (its own feedback set) instead of "
+        "searching the corpus",
+    )
+    sp.add_argument("--k", type=int, default=3, help="top documents explained per query")
+    sp.add_argument("--top-k", type=int, default=10, help="tokens per side (default 10)")
+    sp.add_argument(
+        "--no-filter",
+        action="store_true",
+        help="the paper's plain method: keep fragments, stop words and unsupported tokens",
+    )
+    sp.add_argument("--html", default=None, help="write an HTML report to this file")
+    sp.add_argument("--open", action="store_true", help="open the HTML report in a browser")
+    sp.add_argument("--index", default=None, help="load a saved index instead of building one")
+    sp.set_defaults(func=cmd_explain, first_stage="flat", storage_dtype="float32", save_index=None)
+
     sp = sub.add_parser("demo", help="the main job: SciFact end to end with MiniLM")
     common(sp, data=False)
     sp.add_argument("--checkpoint", default=None, help="adapter (default: the shipped one)")
     sp.add_argument("--feedback-k", type=int, default=100)
     sp.set_defaults(func=cmd_demo)
+
+    from imrnns.bench import add_arguments as add_bench_arguments
+
+    sp = sub.add_parser(
+        "bench", help="latency scaling sweep of every provider: JSON, Markdown table, plot"
+    )
+    add_bench_arguments(sp)
+    sp.set_defaults(func=cmd_bench)
     return p
 
 

@@ -84,6 +84,7 @@ def run_demo(
         }
 
     example = _example(test, per_query, runs, unseen)
+    example["explanation"] = _explain_example(enc, index, test, queries, docs, example)
     payload = {
         "dataset": {
             "name": "scifact",
@@ -179,4 +180,48 @@ def _report(p: dict[str, Any]) -> str:
             mark = "*" if h["relevant"] else " "
             lines.append(f"  {label} {mark} {h['score']:+.3f} [{h['doc_id']}] {h['text']}")
     lines.append("  (* = relevant)")
+    lines += _explanation_lines(ex.get("explanation"))
     return "\n".join(lines)
+
+
+def _explain_example(
+    enc: Any, index: Any, test: Any, queries: np.ndarray, docs: np.ndarray, example: dict
+) -> dict[str, Any]:
+    """Token-level explanation of the example query's IMRNN top-1 document (filtered
+    Moore-Penrose back-projection, the query's feedback set from the index)."""
+    from imrnns.explain import CorpusVocabulary, Explainer
+
+    row = test.query_ids.index(example["query_id"])
+    doc_id = example["imrnn_top3"][0]["doc_id"]
+    col = test.corpus_ids.index(doc_id)
+    vocab = CorpusVocabulary.from_texts(test.corpus_texts, enc.tokenizer)
+    explainer = Explainer(index.model, enc.token_embeddings(), enc.tokenizer, idf=vocab)
+    t0 = time.perf_counter()
+    (ex,) = explainer.explain(
+        queries[row],
+        docs[col],
+        top_k=5,
+        query_texts=[test.query_texts[row]],
+        doc_texts=[test.corpus_texts[col]],
+        doc_ids=[doc_id],
+        feedback=index,
+    )
+    return {**ex.to_dict(), "document": None, "seconds": time.perf_counter() - t0}
+
+
+def _explanation_lines(e: dict[str, Any] | None) -> list[str]:
+    if not e:
+        return []
+
+    def toks(items: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{t['token']} {t['score']:+.3f}" for t in items) or "(none)"
+
+    return [
+        f"  why IMRNN ranks [{e['document_id']}] first ({e['method']}; base "
+        f"{e['base_score']:+.3f} -> IMRNN {e['imrnn_score']:+.3f}; first call "
+        f"{e['seconds'] * 1e3:.0f} ms):",
+        f"    query modulation:    {toks(e['query_tokens'])}",
+        f"    document modulation: {toks(e['document_tokens'])}",
+        "    (cosine of each back-projected modulation with the token's embedding; "
+        "+ towards, - away)",
+    ]

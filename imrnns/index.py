@@ -267,7 +267,7 @@ class IMRNNIndex:
         else:
             space = pq.float()
         fs = np.ascontiguousarray(space.cpu().numpy(), dtype=np.float32)
-        scores, ids = self._faiss.search(fs, kf)
+        scores, ids = _search_ties_by_lower_id(self._faiss, fs, kf, self.ntotal)
         return torch.from_numpy(scores).to(self.device), torch.from_numpy(ids).to(self.device)
 
     def _check_queries(self, queries: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -501,6 +501,36 @@ class IMRNNIndex:
         if index.first_stage == "ivf":
             faiss.extract_index_ivf(index._faiss).nprobe = index.nprobe
         return index
+
+
+def _search_ties_by_lower_id(
+    index: Any, x: np.ndarray, k: int, ntotal: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """faiss search whose top-k breaks exact score ties by the lower id, as every ranking here.
+
+    faiss's heap keeps whichever of equal scores its scan order and heap history favour
+    (measured on faiss 1.15 flat, 6 duplicates tied at the 7th and 8th places: it kept ids 24
+    and 34 of {4, 14, 24, 34, 44, 54}), and orders ties higher id first. With duplicate
+    documents that made the feedback set, and so which duplicate rerank returns, depend on
+    faiss internals (and differ between one index and a sharded one). So: ask for one more
+    than k; while the k-th and the last score tie, ask for twice as many; then sort by
+    (score descending, id ascending). Costs one extra row per query when nothing ties.
+    """
+    kk = k + 1 if k < ntotal else k
+    while True:
+        scores, ids = index.search(x, kk)
+        if kk >= ntotal or kk <= k:
+            break
+        tied = (scores[:, k - 1] == scores[:, kk - 1]) & (ids[:, kk - 1] >= 0)
+        if not bool(tied.any()):
+            break
+        kk = min(ntotal, 2 * kk)
+    key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((key, -scores.astype(np.float64)), axis=-1)[:, :k]
+    return (
+        np.ascontiguousarray(np.take_along_axis(scores, order, axis=1)),
+        np.ascontiguousarray(np.take_along_axis(ids, order, axis=1)),
+    )
 
 
 def _topk_by_score_then_id(

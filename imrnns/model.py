@@ -432,6 +432,31 @@ class IMRNN(nn.Module):
         V.check_finite("candidates", candidates)
         return queries.to(self.dtype), candidates.to(self.dtype)
 
+    # ------------------------------------------------------------------ interpretability
+    def explain(
+        self,
+        query_embedding: Any,
+        doc_embedding: Any,
+        tokenizer_embeddings: Any,
+        top_k: int = 10,
+        **kwargs: Any,
+    ) -> Any:
+        """Token-level explanation of the modulation (Moore-Penrose back-projection).
+
+        ``query_embedding``/``doc_embedding``: (n,) for one pair, which returns one
+        :class:`~imrnns.explain.Explanation`, or (B, n), which returns a list of them.
+        ``tokenizer_embeddings``: the encoder's (V, n) input token-embedding table. Keyword
+        arguments (``tokenizer``, ``filter``, ``query_texts``, ``doc_texts``, ``idf``,
+        ``feedback``, ...) are those of :func:`imrnns.explain.explain`.
+        """
+        from imrnns.explain import explain
+
+        out = explain(
+            self, query_embedding, doc_embedding, tokenizer_embeddings, top_k=top_k, **kwargs
+        )
+        single = getattr(query_embedding, "ndim", 2) == 1 and getattr(doc_embedding, "ndim", 2) == 1
+        return out[0] if single else out
+
 
 def _weighted_mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """(B, K, D) -> (B, D): mean over K, weighted when weights (B, K) are given."""

@@ -31,6 +31,8 @@ _forced: list[str] = []
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {
     "project": {},
     "adapter_reduce": {},
+    "corpus_transform": {},
+    "document_transforms": {},
     "modulate_layernorm": {},
     "modulated_score": {},
     "modulated_topk": {},
@@ -150,8 +152,13 @@ def adapter_reduce(
     weights: HyperNetWeights,
     feedback_weights: torch.Tensor | None = None,
     modulation: str = "diagonal",
+    cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, OUT) weighted mean of ``act(A_d(corpus[ids]))``. See :func:`reference.adapter_reduce`."""
+    """(B, OUT) weighted mean of ``act(A_d(corpus[ids]))``. See :func:`reference.adapter_reduce`.
+
+    ``cache``: optional per-document cache from :func:`document_transforms` ((N, OUT) for
+    diagonal, (N, h2) for affine); the op is then a weighted gather-mean.
+    """
     V.check_modulation(modulation)
     V.check_float("corpus", corpus, 2)
     n, m = corpus.shape
@@ -159,9 +166,72 @@ def adapter_reduce(
     _check_hypernet(weights, m, modulation)
     if feedback_weights is not None:
         V.check_weights("feedback_weights", feedback_weights, tuple(ids.shape))
-    V.check_same_device(corpus=corpus, ids=ids, w1=weights.w1, feedback_weights=feedback_weights)
-    fn = _impl("adapter_reduce", corpus.device, _grad(corpus, feedback_weights, *weights))
-    return fn(corpus, ids, weights, feedback_weights, modulation)
+    if cache is not None:
+        _check_adapter_cache(cache, n, weights, modulation)
+    V.check_same_device(
+        corpus=corpus, ids=ids, w1=weights.w1, feedback_weights=feedback_weights, cache=cache
+    )
+    needs_grad = _grad(corpus, feedback_weights, cache, *weights)
+    fn = _impl("adapter_reduce", corpus.device, needs_grad)
+    if cache is None:
+        return fn(corpus, ids, weights, feedback_weights, modulation)
+    return fn(corpus, ids, weights, feedback_weights, modulation, cache=cache)
+
+
+def _check_adapter_cache(
+    cache: torch.Tensor, n: int, weights: HyperNetWeights, modulation: str
+) -> None:
+    V.check_float("cache", cache, 2)
+    if modulation == "diagonal":
+        width, what = weights.out_dim, "activated per-document outputs (N, OUT)"
+    else:
+        width, what = int(weights.w3.shape[1]), "per-document hidden states (N, h2)"
+    if tuple(cache.shape) != (n, width):
+        raise ValueError(
+            f"cache must hold the {what} of document_transforms for {modulation} modulation: "
+            f"shape ({n}, {width}), got {V.describe(cache)}"
+        )
+
+
+def _check_corpus_op(
+    corpus: torch.Tensor, weights: HyperNetWeights, modulation: str, chunk_rows: int | None
+) -> None:
+    V.check_modulation(modulation)
+    V.check_float("corpus", corpus, 2)
+    if corpus.shape[0] == 0:
+        raise ValueError(f"corpus is empty ({V.describe(corpus)})")
+    _check_hypernet(weights, corpus.shape[1], modulation)
+    if chunk_rows is not None:
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
+            raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    V.check_same_device(corpus=corpus, w1=weights.w1)
+
+
+def document_transforms(
+    corpus: torch.Tensor,
+    weights: HyperNetWeights,
+    modulation: str = "diagonal",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-document cache for :func:`adapter_reduce`: (N, OUT) ``act(A_d(d))`` for diagonal,
+    (N, h2) last hidden states for affine (its mean is exact through the linear last layer).
+    Compute once per index. See :func:`reference.document_transforms`."""
+    _check_corpus_op(corpus, weights, modulation, chunk_rows)
+    fn = _impl("document_transforms", corpus.device, _grad(corpus, *weights))
+    return fn(corpus, weights, modulation, chunk_rows)
+
+
+def corpus_transform(
+    corpus: torch.Tensor,
+    weights: HyperNetWeights,
+    modulation: str = "diagonal",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Whole-corpus feedback: (OUT,) float32 mean of ``act(A_d(d))`` over every row, chunked
+    (compute once per index). See :func:`reference.corpus_transform`."""
+    _check_corpus_op(corpus, weights, modulation, chunk_rows)
+    fn = _impl("corpus_transform", corpus.device, _grad(corpus, *weights))
+    return fn(corpus, weights, modulation, chunk_rows)
 
 
 def modulate_layernorm(

@@ -42,8 +42,10 @@ def adapter_reduce(
             states for ``affine``. When given, ``corpus`` is only used for its row count.
 
     Returns:
-        (B, OUT) float32 mean transform. This reference materialises (B, K, OUT).
+        (B, OUT) mean transform, float32 (float64 for a float64 HyperNet, so float64 models
+        and gradchecks keep their precision). This reference materialises (B, K, OUT).
     """
+    out_dtype = torch.promote_types(weights.w1.dtype, torch.float32)
     if cache is not None:
         rows = cache[ids.long()].to(weights.w1.dtype)  # (B, K, OUT) or (B, K, h2)
         per_doc = rows if modulation == "diagonal" else F.linear(rows, weights.w3, weights.b3)
@@ -51,10 +53,10 @@ def adapter_reduce(
         docs = corpus[ids.long()].to(weights.w1.dtype)  # (B, K, m)
         per_doc = activate(hypernet(docs, weights), modulation)  # (B, K, OUT)
     if feedback_weights is None:
-        return per_doc.mean(dim=1).float()
+        return per_doc.mean(dim=1).to(out_dtype)
     w = feedback_weights.to(per_doc.dtype)
     w = w / w.sum(dim=1, keepdim=True)
-    return torch.einsum("bk,bko->bo", w, per_doc).float()
+    return torch.einsum("bk,bko->bo", w, per_doc).to(out_dtype)
 
 
 def document_transforms(
@@ -74,12 +76,13 @@ def document_transforms(
         chunk_rows: ignored here (the fused implementations bound their memory with it).
 
     Returns:
-        (N, OUT) or (N, h2) float32 tensor.
+        (N, OUT) or (N, h2) tensor, float32 (float64 for a float64 HyperNet).
     """
+    out_dtype = torch.promote_types(weights.w1.dtype, torch.float32)
     docs = corpus.to(weights.w1.dtype)
     if modulation == "affine":
-        return _hidden(docs, weights).float()
-    return activate(hypernet(docs, weights), modulation).float()
+        return _hidden(docs, weights).to(out_dtype)
+    return activate(hypernet(docs, weights), modulation).to(out_dtype)
 
 
 def corpus_transform(
@@ -88,9 +91,11 @@ def corpus_transform(
     modulation: str = "diagonal",
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """Whole-corpus feedback: ``mean_{d in corpus} act(A_d(d))``, one (OUT,) float32 vector.
+    """Whole-corpus feedback: ``mean_{d in corpus} act(A_d(d))``, one (OUT,) vector.
 
-    ``chunk_rows`` is ignored here; this reference materialises (N, OUT).
+    float32 (float64 for a float64 HyperNet). ``chunk_rows`` is ignored here; this reference
+    materialises (N, OUT).
     """
+    out_dtype = torch.promote_types(weights.w1.dtype, torch.float32)
     docs = corpus.to(weights.w1.dtype)
-    return activate(hypernet(docs, weights), modulation).mean(dim=0).float()
+    return activate(hypernet(docs, weights), modulation).mean(dim=0).to(out_dtype)

@@ -1,0 +1,1082 @@
+"""Sharded IMRNN search over ``torch.distributed`` (NCCL on GPUs, gloo on CPU).
+
+Every rank holds a contiguous block of the corpus (projected rows, first-stage vectors and the
+per-document cache) in an ordinary :class:`~imrnns.index.IMRNNIndex`, and every search is a
+collective call that returns, on every rank, the result a single-process index over the whole
+corpus returns. For a block of B queries (DESIGN.md section 1 for the maths):
+
+1. First stage, local: each rank searches its shard for the ``feedback_k`` best documents
+   (faiss), maps local positions to global ids, and an all-gather of (B, feedback_k) scores
+   and ids gives every rank the global feedback set F(q): the top ``feedback_k`` of the union
+   by (score descending, id ascending), the rule one index's first stage applies, so the set
+   and its order equal the single-process ones even when duplicates tie at the boundary.
+2. Feedback aggregation over the *global* F(q), two exchanges (``exchange=``):
+
+   - ``"rows"`` (default, bit-exact): the rows of F(q) (projected documents, and per-document
+     cache rows when the index keeps them) are assembled on every rank by an all-reduce in
+     which each slot has exactly one non-zero contributor, its owner. The reduction runs on
+     the bytes (``uint8``), so it is exact for every dtype: ``x + 0 + ... + 0 = x``. Every
+     rank then calls the same ``IMRNN.query_state`` on the same (B, feedback_k) inputs in
+     the same order as one process does, so ``T_q``, ``T_bar`` and ``q~`` are identical to
+     the last bit (uniform and ``score_weighted`` means, ``mean_of_transforms`` and v0.1
+     ``transform_of_mean``). Traffic: B x feedback_k x (m x bytes(storage) [+ cache row]).
+   - ``"partial"``: each rank reduces the feedback documents it owns (fused
+     ``adapter_reduce`` with the weights of the documents it does not own set to zero, or the
+     weighted sum of its modulated documents for v0.1), scales by its share of the global
+     weight sum (``score_weighted``: the softmax is taken over the global feedback scores,
+     which every rank has) and one sum all-reduce gives the global mean. Traffic: B x OUT
+     (2m for diagonal, m*m + m for affine) or B x m for v0.1; equal to the single-process
+     result up to float32 summation order (about 1e-7).
+3. Scoring: ``mode="rerank"`` scores the global F(q) (rows: on every rank from the assembled
+   rows; partial: each rank scores the documents it owns and an exact one-owner sum
+   all-reduce collects the scores); ``mode="exhaustive"`` runs the streaming
+   ``modulated_topk`` over each rank's shard and an all-gather of (B, k) candidates is merged
+   by (score descending, lower id first), the single-process tie rule.
+
+Exactness: with ``exchange="rows"``, a flat first stage and the default ``query_block``,
+results equal the single-process index's: the same ids, and scores to the last bit, provided
+every process runs the same kernels with the same number of intra-op threads (a GEMM split
+over 2 threads can round differently than over 1) and every shard (and ``add`` batch) has at
+least 12 rows (MKL computes a GEMM of fewer rows with another kernel, so such a shard's
+projected rows may differ from one process's in the last bit). Outside those conditions,
+and with ``exchange="partial"``, scores agree to float32 rounding (about 1e-7) and ids agree
+except between documents whose scores are that close. IVF and HNSW first stages are built
+per shard and are approximate in their own way, so they do not equal one approximate index.
+
+Calls that touch several ranks (``add``, ``add_shard``, ``search``, ``doc_names``) must be
+made by every rank with the same arguments (``add_shard``: each rank its own rows). The
+arguments are checked first by a small all-gather, and a validation error on any rank is
+raised on every rank, so a bad call fails everywhere instead of leaving ranks waiting in a
+collective. A rank that dies mid-collective still blocks the others until the process group's
+timeout (``init_from_env(timeout=...)``); torchrun then ends the job.
+
+Launch with torchrun (see ``docs/distributed.md``)::
+
+    torchrun --nproc-per-node 4 -m imrnns search --distributed --index DIR "query text"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+
+import imrnns_kernels as K
+from imrnns import index as _index
+from imrnns._atomic import resolve_directory
+from imrnns.checkpoints import load_pretrained
+from imrnns.index import (
+    MODES,
+    SEARCH_CHUNK,
+    STORAGE_DTYPES,
+    IMRNNIndex,
+    IndexError_,
+    _as_tensor,
+    _topk_by_score_then_id,
+)
+from imrnns.model import IMRNN
+from imrnns_kernels import _validation as V
+
+__all__ = [
+    "EXCHANGES",
+    "DistributedIMRNNIndex",
+    "add_distributed_arguments",
+    "init_from_env",
+    "memory_per_rank",
+    "run_distributed_search",
+    "search_memory",
+    "shard_bounds",
+    "shard_first_stage_over_gpus",
+]
+
+EXCHANGES = ("rows", "partial")
+# Largest single all-reduce message in the rows exchange; bounds the extra buffers NCCL/gloo
+# allocate for one call (a 4096-query block at feedback_k=100, m=256, fp32 is 420 MB).
+MAX_MESSAGE_BYTES = 64 << 20
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+# --------------------------------------------------------------------------- process group
+def init_from_env(
+    backend: str = "auto", timeout: timedelta | None = None
+) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...).
+
+    Args:
+        backend: ``"nccl"``, ``"gloo"`` or ``"auto"`` (NCCL when CUDA is available, else gloo).
+        timeout: collective timeout (torch's default: 10 min for NCCL, 30 min for gloo).
+
+    Returns:
+        (rank, world_size, device): the device is ``cuda:LOCAL_RANK`` for NCCL (and made
+        current), ``cpu`` for gloo. Without torchrun's variables: (0, 1, cpu), no group.
+    """
+    if backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("the NCCL backend needs CUDA GPUs; use --dist-backend gloo on CPUs")
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return 0, 1, device
+        kwargs: dict[str, Any] = {"backend": backend}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        if backend == "nccl":
+            kwargs["device_id"] = device
+        dist.init_process_group(**kwargs)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows [lo, hi) of ``n`` that ``rank`` holds: contiguous blocks, sizes differ by <= 1."""
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    base, extra = divmod(n, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+# --------------------------------------------------------------------------- memory model
+def memory_per_rank(
+    num_docs: int,
+    world_size: int = 1,
+    *,
+    input_dim: int = 384,
+    dim: int = 256,
+    modulation: str = "diagonal",
+    aggregation: str = "mean_of_transforms",
+    storage_dtype: str = "float32",
+    first_stage: str = "flat",
+    first_stage_space: str = "base",
+    cache_document_transforms: bool = True,
+    hidden_dims: tuple[int, int] = (128, 64),
+    hnsw_m: int = 32,
+) -> dict[str, int]:
+    """Bytes one rank holds for its shard of ``num_docs`` documents (the largest shard).
+
+    Computed from the storage layout, per document row:
+
+    - ``projected``: m x bytes(storage_dtype) (the corpus the IMRNN stage reads);
+    - ``first_stage``: the faiss copy in float32: n x 4 (``first_stage_space="base"``) or
+      m x 4 (``"projected"``); IVF adds an 8-byte id per row, HNSW about 2 x hnsw_m x 4
+      bytes of level-0 links plus 8 bytes of level data (upper levels add ~1/hnsw_m of that);
+    - ``document_cache`` (``mean_of_transforms`` with the cache on): 2m x 4 for diagonal
+      (activated ``[s, b]``), h2 x 4 for affine (last hidden state);
+    - ``global_ids``: 8 bytes (int64 map from local row to global id).
+
+    The model itself (a few MB) and per-search working memory are not included; see
+    :func:`search_memory`.
+    """
+    if modulation not in V.MODULATIONS:
+        raise ValueError(f"modulation must be one of {V.MODULATIONS}, got {modulation!r}")
+    if storage_dtype not in _BYTES:
+        raise ValueError(f"storage_dtype must be one of {sorted(_BYTES)}, got {storage_dtype!r}")
+    rows = math.ceil(num_docs / world_size)
+    fs_dim = input_dim if first_stage_space == "base" else dim
+    fs = fs_dim * 4
+    if first_stage == "ivf":
+        fs += 8
+    elif first_stage == "hnsw":
+        fs += 2 * hnsw_m * 4 + 8
+    cache = 0
+    if cache_document_transforms and aggregation == "mean_of_transforms":
+        cache = (2 * dim if modulation == "diagonal" else hidden_dims[1]) * 4
+    parts = {
+        "projected": rows * dim * _BYTES[storage_dtype],
+        "first_stage": rows * fs,
+        "document_cache": rows * cache,
+        "global_ids": rows * 8,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def search_memory(
+    batch: int,
+    feedback_k: int = 100,
+    *,
+    dim: int = 256,
+    modulation: str = "diagonal",
+    storage_dtype: str = "float32",
+    exchange: str = "rows",
+    cache_row_floats: int = 0,
+) -> int:
+    """Bytes of the exchange buffers one search block of ``batch`` queries allocates per rank.
+
+    ``rows``: the (B, feedback_k, m) assembled rows plus (B, feedback_k, cache_row_floats)
+    cache rows; ``partial``: one (B, OUT) float32 partial sum (OUT = 2m or m*m + m). The
+    scoring kernels' own working memory comes on top.
+    """
+    if exchange == "rows":
+        return batch * feedback_k * (dim * _BYTES[storage_dtype] + 4 * cache_row_floats)
+    return batch * V.transform_dim(dim, modulation) * 4
+
+
+# --------------------------------------------------------------------------- the index
+class DistributedIMRNNIndex:
+    """An :class:`~imrnns.index.IMRNNIndex` sharded over the ranks of a process group.
+
+    Global ids are positions in the order documents were added (as one index numbers them):
+    :meth:`add` gives every rank the same batch and each keeps a contiguous block;
+    :meth:`add_shard` gives each rank its own rows, numbered in rank order. Searches return
+    the same (scores, ids) on every rank, equal to one process's (module docstring).
+
+    Args:
+        model: the adapter (identical on every rank: checked at construction).
+        feedback_k, first_stage, storage_dtype: as :class:`~imrnns.index.IMRNNIndex`.
+        group: the process group (default: the world; none initialised means one process).
+        exchange: ``"rows"`` (bit-exact) or ``"partial"`` (less traffic); see the module doc.
+        query_block: None (default): the query blocks one process uses (``SEARCH_CHUNK``
+            = 4096), required for bit-exact results, at the price of (4096, feedback_k, m)
+            exchange buffers (420 MB at feedback_k=100, m=256, fp32). An int caps a block at
+            that many queries (512: 52 MB), cutting each of those blocks into equal parts;
+            results then agree with one process to float32 rounding only, because batched
+            per-query kernels (MKL GEMV/GEMM) can round a row differently in another batch
+            shape (measured: <= 4e-8 on the scores).
+        device: where this rank's shard lives (default: the model's device).
+        **index_kwargs: the other keyword arguments of :class:`~imrnns.index.IMRNNIndex`.
+    """
+
+    def __init__(
+        self,
+        model: IMRNN,
+        feedback_k: int = 100,
+        first_stage: str = "flat",
+        storage_dtype: torch.dtype | str = torch.float32,
+        *,
+        group: Any = None,
+        exchange: str = "rows",
+        query_block: int | None = None,
+        device: str | torch.device | None = None,
+        **index_kwargs: Any,
+    ) -> None:
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+        if query_block is not None and (
+            isinstance(query_block, bool) or not isinstance(query_block, int) or query_block <= 0
+        ):
+            raise ValueError(f"query_block must be a positive int or None, got {query_block!r}")
+        self.query_block = query_block
+        self.local = IMRNNIndex(
+            model, feedback_k, first_stage, storage_dtype, device=device, **index_kwargs
+        )
+        self.exchange = exchange
+        self.group = group
+        self._distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if self._distributed else 0
+        self.world_size = dist.get_world_size(group) if self._distributed else 1
+        backend = dist.get_backend(group) if self._distributed else "gloo"
+        # NCCL moves CUDA tensors only; gloo moves CPU tensors.
+        self._comm_device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
+        self._gids = torch.empty(0, dtype=torch.int64, device=self.local.device)
+        self._ntotal = 0
+        self._named: bool | None = None
+        self._agree("the model and index settings", self._settings_signature())
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> IMRNN:
+        return self.local.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    @property
+    def ntotal(self) -> int:
+        """Documents in the whole (global) index."""
+        return self._ntotal
+
+    @property
+    def local_ntotal(self) -> int:
+        """Documents this rank holds."""
+        return self.local.ntotal
+
+    @property
+    def global_ids(self) -> torch.Tensor:
+        """(local_ntotal,) int64 global id of each local row, ascending."""
+        return self._gids
+
+    @property
+    def feedback_k(self) -> int:
+        return self.local.feedback_k
+
+    @property
+    def encoder(self) -> str | None:
+        return self.local.encoder
+
+    def __len__(self) -> int:
+        return self._ntotal
+
+    def __repr__(self) -> str:
+        return (
+            f"DistributedIMRNNIndex(rank={self.rank}/{self.world_size}, ntotal={self._ntotal}, "
+            f"local_ntotal={self.local_ntotal}, exchange={self.exchange!r}, local={self.local!r})"
+        )
+
+    # ------------------------------------------------------------------ collectives
+    def _gather_object(self, obj: Any) -> list[Any]:
+        if not self._distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if not self._distributed:
+            return [t]
+        src = t.to(self._comm_device).contiguous()
+        out = [torch.empty_like(src) for _ in range(self.world_size)]
+        dist.all_gather(out, src, group=self.group)
+        return [o.to(t.device) for o in out]
+
+    def _all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks (float32 partial sums and one-owner tables)."""
+        if not self._distributed:
+            return t
+        src = t.to(self._comm_device)
+        dist.all_reduce(src, group=self.group)
+        if src is not t:
+            t.copy_(src)
+        return t
+
+    def _all_reduce_exact_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of one-owner tables on their bytes: exact for any dtype (x + 0 = x bitwise)."""
+        if not self._distributed:
+            return t
+        flat = t.contiguous().view(-1).view(torch.uint8)
+        for lo in range(0, flat.numel(), MAX_MESSAGE_BYTES):
+            part = flat[lo : lo + MAX_MESSAGE_BYTES]
+            src = part.to(self._comm_device)
+            dist.all_reduce(src, group=self.group)
+            if src is not part:
+                part.copy_(src)
+        return t
+
+    def _agree(self, what: str, signature: str) -> None:
+        sigs = self._gather_object(signature)
+        if len(set(sigs)) > 1:
+            ranks = [r for r, s in enumerate(sigs) if s != sigs[0]]
+            raise ValueError(
+                f"{what} differ across ranks (ranks {ranks} disagree with rank 0): every rank "
+                "must make the same call"
+            )
+
+    def _checked(self, what: str, signature: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` everywhere; raise on every rank if it failed on any or arguments differ.
+
+        Without this, a rank whose validation failed would leave the others waiting in the
+        next collective until the group's timeout.
+        """
+        result, err = None, None
+        try:
+            result = fn()
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            err = exc
+        status = None if err is None else (type(err).__name__, str(err))
+        gathered = self._gather_object((signature, status))
+        if err is not None:
+            raise err
+        for r, (_, st) in enumerate(gathered):
+            if st is not None:
+                exc_type = {"TypeError": TypeError, "FileNotFoundError": FileNotFoundError}.get(
+                    st[0], ValueError
+                )
+                raise exc_type(f"rank {r}: {st[1]}")
+        sigs = [s for s, _ in gathered]
+        if len(set(sigs)) > 1:
+            ranks = [r for r, s in enumerate(sigs) if s != sigs[0]]
+            raise ValueError(
+                f"{what}: ranks {ranks} were called with arguments that differ from rank 0's: "
+                "every rank must make the same call"
+            )
+        return result
+
+    def _settings_signature(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(json.dumps(self.model.config.to_dict(), sort_keys=True).encode())
+        h.update(json.dumps(self.local._index_config(), sort_keys=True, default=str).encode())
+        h.update(f"{self.exchange}/{self.query_block}".encode())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ building
+    def add(
+        self, embeddings: np.ndarray | torch.Tensor, doc_ids: list[str] | None = None
+    ) -> np.ndarray | torch.Tensor:
+        """Collective: every rank passes the same (N, n) batch and keeps its block of it.
+
+        Returns the global ids of the batch (same type as given), as ``IMRNNIndex.add``.
+        """
+        x, was_numpy = self._checked(
+            "add()",
+            _batch_signature(embeddings, doc_ids),
+            lambda: self._validate_add(embeddings, doc_ids),
+        )
+        n = x.shape[0]
+        lo, hi = shard_bounds(n, self.world_size, self.rank)
+        start = self._ntotal
+        if hi > lo:
+            self.local.add(x[lo:hi], None if doc_ids is None else list(doc_ids[lo:hi]))
+        self._extend(start + lo, start + hi, n, doc_ids is not None)
+        ids = torch.arange(start, start + n, dtype=torch.int64)
+        return ids.numpy() if was_numpy else ids
+
+    def add_shard(
+        self, embeddings: np.ndarray | torch.Tensor, doc_ids: list[str] | None = None
+    ) -> np.ndarray | torch.Tensor:
+        """Collective: each rank passes its own (N_r, n) rows (N_r may be 0).
+
+        Global ids follow rank order: rank 0's rows first, then rank 1's, and so on; equal to
+        one index that added the ranks' batches concatenated in rank order. Returns this
+        rank's global ids (same type as given).
+        """
+        sig = "add_shard"  # the rows differ by design; the call itself must match
+        x, was_numpy = self._checked(
+            "add_shard()", sig, lambda: self._validate_add(embeddings, doc_ids, allow_empty=True)
+        )
+        counts = [int(c) for c in self._gather_object(int(x.shape[0]))]
+        named = self._gather_object(doc_ids is not None)
+        if len(set(named)) > 1:
+            raise ValueError("doc_ids must be given on every rank or on none")
+        start = self._ntotal + sum(counts[: self.rank])
+        if x.shape[0] > 0:
+            self.local.add(x, None if doc_ids is None else list(doc_ids))
+        self._extend(start, start + x.shape[0], sum(counts), doc_ids is not None)
+        ids = torch.arange(start, start + x.shape[0], dtype=torch.int64)
+        return ids.numpy() if was_numpy else ids
+
+    def _validate_add(
+        self, embeddings: Any, doc_ids: Sequence[str] | None, allow_empty: bool = False
+    ) -> tuple[torch.Tensor, bool]:
+        # The whole batch is checked on every rank before anything changes, so a bad row in
+        # one rank's block cannot leave the ranks with different corpora.
+        x, was_numpy = _as_tensor(embeddings, "embeddings")
+        n = self.model.config.input_dim
+        if x.dim() != 2 or x.shape[1] != n:
+            raise ValueError(
+                f"embeddings must have shape (N, {n}), got {tuple(x.shape)} ({x.dtype})"
+            )
+        if x.shape[0] == 0 and not allow_empty:
+            raise ValueError("embeddings is empty: nothing to add")
+        V.check_finite("embeddings", x)
+        if doc_ids is not None and (
+            len(doc_ids) != x.shape[0] or not all(isinstance(d, str) for d in doc_ids)
+        ):
+            raise ValueError(f"doc_ids must be {x.shape[0]} strings, one per embedding row")
+        if self._named is not None and self._named != (doc_ids is not None):
+            raise ValueError("doc_ids must be given on every add() or on none")
+        return x, was_numpy
+
+    def _extend(self, lo: int, hi: int, added: int, named: bool) -> None:
+        new = torch.arange(lo, hi, dtype=torch.int64, device=self._gids.device)
+        self._gids = torch.cat([self._gids, new])
+        self._ntotal += added
+        self._named = named
+
+    # ------------------------------------------------------------------ shard construction
+    @classmethod
+    def from_index(
+        cls,
+        index: IMRNNIndex,
+        *,
+        group: Any = None,
+        exchange: str = "rows",
+        query_block: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> DistributedIMRNNIndex:
+        """Collective: shard an in-memory single-process index that every rank holds.
+
+        Each rank keeps its contiguous block (projected rows, cache rows, first-stage vectors).
+        """
+        cfg = index._index_config()
+        out = cls(
+            index.model,
+            group=group,
+            exchange=exchange,
+            query_block=query_block,
+            device=device or index.device,
+            **cfg,
+        )
+        lo, hi = shard_bounds(index.ntotal, out.world_size, out.rank)
+        corpus = index.projected_corpus[lo:hi]
+        cache = None if index._doc_cache is None else index._doc_cache[lo:hi]
+        vectors = _reconstruct(index._faiss, lo, hi)
+        out._install(corpus, cache, vectors, lo, index.ntotal, index.doc_ids)
+        return out
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        group: Any = None,
+        exchange: str = "rows",
+        query_block: int | None = None,
+        device: str | torch.device | None = None,
+        verify: bool = True,
+    ) -> DistributedIMRNNIndex:
+        """Collective: each rank loads only its block of an index saved by ``IMRNNIndex.save``.
+
+        The projected corpus and the cache are read by slice (safetensors), a flat first stage
+        through a memory map, so no rank holds the whole corpus. IVF/HNSW first stages are
+        read whole once, then rebuilt per shard (approximate: not equal to the saved one).
+
+        Raises:
+            FileNotFoundError / ValueError: as ``IMRNNIndex.load`` (missing, truncated or
+            tampered files, checked against the manifest's sizes and SHA-256), on every rank.
+        """
+        directory = Path(directory)
+
+        def read() -> tuple[dict[str, Any], Path]:
+            d = resolve_directory(directory)
+            return _read_manifest(d, verify), d
+
+        sig = str(directory)
+        if dist.is_available() and dist.is_initialized():
+            manifest, d = _run_everywhere("load()", sig, read, group)
+        else:
+            manifest, d = read()
+        model = load_pretrained(d / "adapter")
+        cfg = dict(manifest["index"])
+        out = cls(
+            model,
+            group=group,
+            exchange=exchange,
+            query_block=query_block,
+            device=device or "cpu",
+            **cfg,
+        )
+        n = int(manifest["ntotal"])
+        lo, hi = shard_bounds(n, out.world_size, out.rank)
+        try:
+            with safe_open(str(d / "corpus.safetensors"), framework="pt") as fh:
+                keys = set(fh.keys())
+                corpus = fh.get_slice("projected")[lo:hi]
+                cache = fh.get_slice("doc_cache")[lo:hi] if "doc_cache" in keys else None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise IndexError_(f"{d / 'corpus.safetensors'}: unreadable ({exc})") from exc
+        if tuple(corpus.shape) != (hi - lo, model.config.working_dim):
+            raise IndexError_(f"{d / 'corpus.safetensors'}: projected slice {tuple(corpus.shape)}")
+        path = str(d / "first_stage.faiss")
+        flag = faiss.IO_FLAG_MMAP if cfg.get("first_stage") == "flat" else 0
+        saved = faiss.read_index(path, flag)
+        if saved.ntotal != n:
+            raise IndexError_(f"{d}: first stage holds {saved.ntotal} rows, corpus {n}")
+        vectors = _reconstruct(saved, lo, hi)
+        del saved
+        names = None
+        if "doc_ids.json" in manifest.get("files", {}):
+            names = json.loads((d / "doc_ids.json").read_text())
+        out._install(corpus, cache, vectors, lo, n, names, names_are_global=True)
+        return out
+
+    def _install(
+        self,
+        corpus: torch.Tensor,
+        cache: torch.Tensor | None,
+        vectors: np.ndarray,
+        lo: int,
+        ntotal: int,
+        names: list[str] | None,
+        names_are_global: bool = True,
+    ) -> None:
+        """Put a shard's pieces in the local index (private fields: see the report/README)."""
+        local = self.local
+        hi = lo + corpus.shape[0]
+        local._corpus = corpus.to(local.device, local.storage_dtype).contiguous()
+        local._doc_cache = None if cache is None else cache.to(local.device).contiguous()
+        if hi > lo:
+            if local.first_stage == "ivf" and (local.nlist or 0) > hi - lo:
+                local.nlist = None  # the saved nlist was sized for the whole corpus
+            local._faiss = local._new_faiss(vectors.shape[1], vectors)
+            local._faiss.add(vectors)
+        if names is not None:
+            local.doc_ids = list(names[lo:hi]) if names_are_global else list(names)
+        self._gids = torch.arange(lo, hi, dtype=torch.int64, device=local.device)
+        self._ntotal = ntotal
+        self._named = names is not None
+
+    # ------------------------------------------------------------------ searching
+    def _validate_search(
+        self, queries: Any, k: Any, mode: Any, feedback_k: Any, encoder: Any
+    ) -> tuple[torch.Tensor, bool, int]:
+        # The same checks, in the same order, as IMRNNIndex.search.
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        V.check_k(k)
+        kf_req = self.feedback_k if feedback_k is None else feedback_k
+        if isinstance(kf_req, bool) or not isinstance(kf_req, int) or kf_req <= 0:
+            raise ValueError(f"feedback_k must be a positive int, got {kf_req!r}")
+        if encoder is not None and self.encoder is not None and encoder != self.encoder:
+            raise ValueError(
+                f"queries come from encoder {encoder!r} but this index was built with "
+                f"{self.encoder!r}: scores across encoders are meaningless"
+            )
+        if self._ntotal == 0:
+            raise ValueError("the index is empty: add() documents before searching")
+        q, was_numpy = _as_tensor(queries, "queries")
+        n = self.model.config.input_dim
+        if q.dim() != 2 or q.shape[1] != n:
+            raise ValueError(f"queries must have shape (B, {n}), got {tuple(q.shape)} ({q.dtype})")
+        V.check_finite("queries", q)
+        return q, was_numpy, min(kf_req, self._ntotal)
+
+    @torch.no_grad()
+    def search(
+        self,
+        queries: np.ndarray | torch.Tensor,
+        k: int = 10,
+        mode: str = "rerank",
+        *,
+        feedback_k: int | None = None,
+        encoder: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
+        """Collective top-k over the whole sharded corpus; same contract as ``IMRNNIndex.search``.
+
+        Every rank passes the same queries and gets the same global (scores, ids).
+        """
+        sig = _call_signature(queries, k, mode, feedback_k, encoder)
+        q, was_numpy, kf = self._checked(
+            "search()", sig, lambda: self._validate_search(queries, k, mode, feedback_k, encoder)
+        )
+        # The same query blocks as one process (per-row results of batched kernels then
+        # match one process's), each cut into equal parts when query_block caps them.
+        outs = []
+        for lo in range(0, q.shape[0], SEARCH_CHUNK):
+            block = q[lo : lo + SEARCH_CHUNK]
+            parts = 1 if self.query_block is None else -(-block.shape[0] // self.query_block)
+            outs += [self._search_chunk(p, k, mode, kf) for p in block.tensor_split(parts)]
+        scores = torch.cat([o[0] for o in outs]) if outs else torch.empty(0, k)
+        ids = torch.cat([o[1] for o in outs]) if outs else torch.empty(0, k, dtype=torch.int64)
+        if was_numpy:
+            return scores.cpu().numpy(), ids.cpu().numpy()
+        return scores, ids
+
+    def _locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(owned by this rank, local row or 0) for a table of global ids."""
+        n = self._gids.shape[0]
+        if n == 0:
+            return torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids)
+        pos = torch.searchsorted(self._gids, ids).clamp_(max=n - 1)
+        owned = self._gids[pos] == ids
+        return owned, torch.where(owned, pos, torch.zeros_like(pos))
+
+    def _global_first_stage(
+        self, q: torch.Tensor, pq: torch.Tensor, kf: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = q.shape[0]
+        scores = torch.full((b, kf), float("-inf"), device=self.device)
+        ids = torch.full((b, kf), -1, dtype=torch.int64, device=self.device)
+        kl = min(kf, self.local_ntotal)
+        if kl > 0:
+            ls, li = self.local._first_stage(q, pq, kl)
+            ok = li >= 0
+            scores[:, :kl] = torch.where(ok, ls.float(), torch.full_like(ls.float(), float("-inf")))
+            ids[:, :kl] = torch.where(ok, self._gids[li.clamp(min=0)], torch.full_like(li, -1))
+        all_s = torch.cat(self._all_gather(scores), dim=1)
+        all_i = torch.cat(self._all_gather(ids), dim=1)
+        # The global top-kf by (score descending, id ascending): the rule the single-process
+        # first stage applies (index._search_ties_by_lower_id), and each shard's own list
+        # obeys it, so the union holds every winner. Padding (-inf, -1) sorts last.
+        key = torch.where(all_i < 0, torch.iinfo(torch.int64).max, all_i)
+        by_id = torch.argsort(key, dim=1, stable=True)
+        s, i = all_s.gather(1, by_id), all_i.gather(1, by_id)
+        keep = torch.argsort(s, dim=1, descending=True, stable=True)[:, :kf]
+        return s.gather(1, keep), i.gather(1, keep)
+
+    def _gather_rows(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, K, D) rows of the global ``ids``, assembled on every rank, bit-exact."""
+        owned, lpos = self._locate(ids)
+        out = torch.zeros(*ids.shape, table.shape[1], dtype=table.dtype, device=table.device)
+        if bool(owned.any()):
+            out[owned] = table[lpos[owned]]
+        return self._all_reduce_exact_(out)
+
+    def _search_chunk(
+        self, q: torch.Tensor, k: int, mode: str, kf: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mirrors ``IMRNNIndex._search_chunk`` step for step, over the global corpus."""
+        q = q.to(self.device)
+        model = self.model
+        pq = model.project(q)
+        fs_scores, fs_ids = self._global_first_stage(q, pq, kf)
+        valid = fs_ids >= 0
+        safe_ids = torch.where(valid, fs_ids, torch.zeros_like(fs_ids))
+        weights = model.feedback_weights(
+            torch.where(valid, fs_scores, torch.full_like(fs_scores, -1e4))
+        )
+        if not bool(valid.all()):
+            if not bool(valid.any(dim=1).all()):
+                raise ValueError("the first stage returned no documents for some queries")
+            mask = valid.to(torch.float32)
+            weights = mask if weights is None else weights * mask
+        if self.exchange == "rows":
+            b = q.shape[0]
+            rows = self._gather_rows(self.local._corpus, safe_ids).view(b * kf, -1)
+            cache = None
+            if self.local._doc_cache is not None:
+                cache = self._gather_rows(self.local._doc_cache, safe_ids).view(b * kf, -1)
+            flat = torch.arange(b * kf, device=self.device).view(b, kf)
+            tq, _, q_tilde = model.query_state(pq, rows, flat, weights, cache)
+            if mode == "rerank":
+                scores = model.score_ids(rows, flat, tq, q_tilde)
+        else:
+            tq, q_tilde = self._partial_state(pq, safe_ids, weights)
+            if mode == "rerank":
+                scores = self._partial_scores(safe_ids, tq, q_tilde)
+        if mode == "exhaustive":
+            return self._exhaustive(tq, q_tilde, k)
+        scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
+        return _topk_by_score_then_id(scores, torch.where(valid, fs_ids, -1), k)
+
+    def _partial_state(
+        self, pq: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T_q, q~) from per-rank partial sums of the global feedback mean."""
+        model, cfg = self.model, self.model.config
+        b, kf = ids.shape
+        tq = model.query_transform(pq)
+        owned, lpos = self._locate(ids)
+        w = torch.ones(b, kf, device=self.device) if weights is None else weights.float()
+        total = w.sum(dim=1)
+        w_own = w * owned
+        own_sum = w_own.sum(dim=1)
+        rows = torch.nonzero(own_sum > 0).flatten()
+        share = (own_sum[rows] / total[rows]).unsqueeze(1)
+        corpus = self.local._corpus
+        if cfg.aggregation == "mean_of_transforms":
+            td = torch.zeros(b, cfg.transform_dim, device=self.device)
+            if rows.numel():
+                extra = {} if self.local._doc_cache is None else {"cache": self.local._doc_cache}
+                mean_own = K.adapter_reduce(
+                    corpus,
+                    lpos[rows],
+                    model.doc_hypernet.weights(),
+                    w_own[rows],
+                    cfg.modulation,
+                    **extra,
+                )
+                # sum_own w y / sum_all w = (sum_own w y / sum_own w) * (sum_own w / sum_all w)
+                td[rows] = mean_own.float() * share
+            self._all_reduce_(td)
+        else:
+            mean_dt = torch.zeros(b, cfg.working_dim, dtype=model.dtype, device=self.device)
+            if rows.numel():
+                docs = corpus[lpos[rows]].to(model.dtype)
+                d_tilde = model.modulate_documents(docs, tq[rows])
+                coef = (w_own[rows] / total[rows].unsqueeze(1)).to(model.dtype)
+                mean_dt[rows] = torch.einsum("bk,bkm->bm", coef, d_tilde)
+            self._all_reduce_(mean_dt)
+            td = model.doc_hypernet(mean_dt)
+        return tq, model.modulate_queries(pq, td)
+
+    def _partial_scores(
+        self, ids: torch.Tensor, tq: torch.Tensor, q_tilde: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, K) scores of the global feedback set: each rank scores what it owns."""
+        owned, lpos = self._locate(ids)
+        scores = torch.zeros(ids.shape, dtype=torch.float32, device=self.device)
+        if self.local_ntotal > 0 and bool(owned.any()):
+            local = self.model.score_ids(self.local._corpus, lpos, tq, q_tilde)
+            scores = torch.where(owned, local.float(), scores)
+        return self._all_reduce_exact_(scores)  # one owner per slot: exact
+
+    def _exhaustive(
+        self, tq: torch.Tensor, q_tilde: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model, cfg = self.model, self.model.config
+        b = tq.shape[0]
+        if self.local_ntotal > 0:
+            s, li = K.modulated_topk(
+                self.local._corpus,
+                tq,
+                model.doc_norm.weight,
+                model.doc_norm.bias,
+                q_tilde,
+                k,
+                cfg.modulation,
+                cfg.layer_norm_eps,
+            )
+            gi = torch.where(li >= 0, self._gids[li.clamp(min=0)], torch.full_like(li, -1))
+            s = s.float()
+        else:
+            s = torch.full((b, k), float("-inf"), device=self.device)
+            gi = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
+        all_s = torch.cat(self._all_gather(s), dim=1)
+        all_i = torch.cat(self._all_gather(gi), dim=1)
+        # Each shard's ids ascend with its local rows, so the shard's own ties already came
+        # lower id first; the merge applies the same rule across shards.
+        return _topk_by_score_then_id(all_s, all_i, k)
+
+    def doc_names(self, ids: np.ndarray | torch.Tensor) -> list[list[str | None]] | None:
+        """Collective: the ``doc_ids`` names of a (B, k) table of global ids (None for -1).
+
+        None when the index has no names.
+        """
+        if not self._named:
+            return None
+        t = torch.as_tensor(np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids))
+        t = t.to(torch.int64).to(self._gids.device)
+        owned, lpos = self._locate(t)
+        names = self.local.doc_ids or []
+        mine = [
+            [names[int(p)] if bool(o) else None for o, p in zip(orow, prow, strict=True)]
+            for orow, prow in zip(owned.cpu(), lpos.cpu(), strict=True)
+        ]
+        merged = mine
+        for other in self._gather_object(mine):
+            merged = [
+                [a if a is not None else b for a, b in zip(ra, rb, strict=True)]
+                for ra, rb in zip(merged, other, strict=True)
+            ]
+        return merged
+
+
+# --------------------------------------------------------------------------- helpers
+def _reconstruct(index: Any, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of a faiss index's stored vectors as a float32 array."""
+    if hi <= lo or index is None:
+        d = 0 if index is None else index.d
+        return np.zeros((0, d), dtype=np.float32)
+    index = _index._maybe_to_cpu(index)
+    ivf = None
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError, ValueError):
+        ivf = None
+    if ivf is not None:
+        ivf.make_direct_map()
+    return np.ascontiguousarray(index.reconstruct_n(lo, hi - lo), dtype=np.float32)
+
+
+def _read_manifest(directory: Path, verify: bool) -> dict[str, Any]:
+    """The checks of ``IMRNNIndex.load`` on the manifest and the files it lists."""
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{directory} is not an IMRNN index: no manifest.json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexError_(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != _index.FORMAT:
+        raise IndexError_(f"{manifest_path}: not an {_index.FORMAT} manifest")
+    if manifest.get("format_version", 0) > _index.FORMAT_VERSION:
+        raise IndexError_(f"{manifest_path}: format_version is newer than this library reads")
+    for rel, meta in manifest.get("files", {}).items():
+        path = directory / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"index file missing: {path}")
+        if path.stat().st_size != meta["bytes"]:
+            raise IndexError_(
+                f"{path}: {path.stat().st_size} bytes, the manifest says {meta['bytes']}: "
+                "the file is truncated or was modified"
+            )
+        if verify and _index._sha256(path) != meta["sha256"]:
+            raise IndexError_(f"{path}: SHA-256 differs from the manifest: the file was modified")
+    cfg = manifest.get("index")
+    if not isinstance(cfg, dict) or cfg.get("storage_dtype") not in STORAGE_DTYPES:
+        raise IndexError_(f"{manifest_path}: missing or invalid 'index' settings")
+    return manifest
+
+
+def _run_everywhere(what: str, signature: str, fn: Callable[[], Any], group: Any) -> Any:
+    """``DistributedIMRNNIndex._checked`` for calls made before an index exists."""
+    result, err = None, None
+    try:
+        result = fn()
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        err = exc
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(
+        out, (signature, None if err is None else (type(err).__name__, str(err))), group=group
+    )
+    if err is not None:
+        raise err
+    for r, (_, st) in enumerate(out):
+        if st is not None:
+            exc_type = {"TypeError": TypeError, "FileNotFoundError": FileNotFoundError}.get(
+                st[0], ValueError
+            )
+            raise exc_type(f"rank {r}: {st[1]}")
+    if len({s for s, _ in out}) > 1:
+        raise ValueError(f"{what}: ranks were called with different arguments")
+    return result
+
+
+def _digest_array(x: Any, sample_rows: int | None = None) -> str:
+    """sha256 of an array's dtype, shape and bytes (or of ``sample_rows`` spread rows)."""
+    if isinstance(x, torch.Tensor):
+        arr = x.detach().cpu()
+        arr = (arr.float() if arr.dtype == torch.bfloat16 else arr).numpy()
+    elif isinstance(x, np.ndarray):
+        arr = x
+    else:
+        return f"<{type(x).__name__}>"
+    h = hashlib.sha256(f"{arr.dtype}{arr.shape}".encode())
+    if sample_rows is not None and arr.ndim >= 1 and arr.shape[0] > sample_rows:
+        pick = np.linspace(0, arr.shape[0] - 1, sample_rows).astype(np.int64)
+        arr = arr[pick]
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _call_signature(queries: Any, k: Any, mode: Any, feedback_k: Any, encoder: Any) -> str:
+    return json.dumps([_digest_array(queries), repr(k), repr(mode), repr(feedback_k), encoder])
+
+
+def _batch_signature(embeddings: Any, doc_ids: Sequence[str] | None) -> str:
+    # A sample of rows: hashing a multi-GB batch on every rank would cost seconds.
+    names = None
+    if doc_ids is not None:
+        names = hashlib.sha256("\x00".join(map(str, doc_ids)).encode()).hexdigest()
+    return json.dumps([_digest_array(embeddings, sample_rows=64), names])
+
+
+def shard_first_stage_over_gpus(index: IMRNNIndex) -> IMRNNIndex:
+    """Spread one process's faiss first stage over all local GPUs (faiss-gpu, ``shard=True``).
+
+    For one process driving several GPUs; with one rank per GPU (torchrun), each rank's
+    shard already moves to its own GPU when the index's device is CUDA. Untested here: the
+    machines that run the test-suite have no GPU and no faiss-gpu.
+
+    Raises:
+        RuntimeError: faiss-gpu is not installed or sees fewer than two GPUs.
+    """
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if not hasattr(faiss, "index_cpu_to_all_gpus") or gpus < 2:
+        raise RuntimeError(
+            f"sharding the first stage over GPUs needs faiss-gpu and at least 2 GPUs "
+            f"(faiss sees {gpus}); install the 'gpu' extra"
+        )
+    if index._faiss is None:
+        raise ValueError("the index is empty: add() documents first")
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    index._faiss = faiss.index_cpu_to_all_gpus(_index._maybe_to_cpu(index._faiss), co=options)
+    return index
+
+
+# --------------------------------------------------------------------------- command line
+def add_distributed_arguments(parser: Any) -> None:
+    """The ``imrnns search`` flags for sharded search under torchrun."""
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="shard the index over the processes of a torchrun launch (torch.distributed)",
+    )
+    parser.add_argument(
+        "--dist-backend",
+        choices=("auto", "nccl", "gloo"),
+        default="auto",
+        help="process-group backend (auto: NCCL with GPUs, else gloo)",
+    )
+    parser.add_argument(
+        "--exchange",
+        choices=EXCHANGES,
+        default="rows",
+        help="feedback exchange: rows (bit-exact, default) or partial (less traffic)",
+    )
+
+
+def run_distributed_search(args: Any) -> int:
+    """``imrnns search --distributed``: every torchrun rank runs this; rank 0 prints.
+
+    With ``--index`` each rank loads its block of a saved index; otherwise each rank encodes
+    its block of the corpus (``--data``) and the shards are added in rank order.
+    """
+    from imrnns.cli import _emit, _encoder, default_adapter
+
+    if getattr(args, "save_index", None):
+        raise ValueError(
+            "--save-index cannot be combined with --distributed: build and save the index with "
+            "one process, then search it with --distributed --index DIR"
+        )
+    created = not (dist.is_available() and dist.is_initialized())
+    rank, world, device = init_from_env(getattr(args, "dist_backend", "auto"))
+    try:
+        enc = _encoder(args.encoder, args.cache, quiet=bool(args.json) or rank != 0)
+        exchange = getattr(args, "exchange", "rows")
+        if args.index:
+            index = DistributedIMRNNIndex.load(args.index, device=device, exchange=exchange)
+        else:
+            from imrnns.data import load_beir
+
+            data = load_beir(args.data, args.split)
+            model = IMRNN.from_pretrained(args.checkpoint or default_adapter())
+            index = DistributedIMRNNIndex(
+                model,
+                feedback_k=args.feedback_k,
+                first_stage=args.first_stage,
+                storage_dtype=args.storage_dtype,
+                encoder=enc.fingerprint,
+                device=device,
+                exchange=exchange,
+            )
+            lo, hi = shard_bounds(len(data.corpus_ids), world, rank)
+            rows = (
+                enc.encode_document(data.corpus_texts[lo:hi])
+                if hi > lo
+                else np.zeros((0, model.config.input_dim), dtype=np.float32)
+            )
+            index.add_shard(rows, doc_ids=data.corpus_ids[lo:hi])
+        q = enc.encode_query(args.query, cache=False)
+        import time
+
+        t0 = time.perf_counter()
+        scores, ids = index.search(q, k=args.k, mode=args.mode, encoder=enc.fingerprint)
+        ms = (time.perf_counter() - t0) * 1e3
+        names = index.doc_names(ids)
+        if rank == 0:
+            results, lines = [], []
+            for b, (text, srow, irow) in enumerate(zip(args.query, scores, ids, strict=True)):
+                hits = [
+                    {
+                        "rank": r + 1,
+                        "id": int(i),
+                        "doc_id": names[b][r] if names else None,
+                        "score": float(s),
+                    }
+                    for r, (s, i) in enumerate(zip(srow, irow, strict=True))
+                    if i >= 0
+                ]
+                results.append({"query": text, "hits": hits})
+                lines.append(f"query: {text}")
+                lines += [
+                    f"  {h['rank']:>3}  {h['score']:+.4f}  {h['doc_id'] or h['id']}" for h in hits
+                ]
+            payload = {
+                "mode": args.mode,
+                "k": args.k,
+                "milliseconds": round(ms, 3),
+                "world_size": world,
+                "exchange": exchange,
+                "results": results,
+            }
+            _emit(payload, args.json, "\n".join(lines))
+        return 0
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,396 @@
+"""Shared algebra of the modulated cosine score, and the deterministic streaming top-k.
+
+Plain PyTorch only (no Triton): the CPU implementations in :mod:`imrnns_kernels.cpu` and the
+Triton launchers in :mod:`imrnns_kernels.ops` both build their per-query constants here, so
+the two paths cannot drift apart.
+
+The score (see :func:`imrnns_kernels.reference.modulated_score`) of a document d for a query
+with transform T, LayerNorm (g, beta, eps) and modulated query q is::
+
+    y = T(d),  mu = mean(y),  r = 1 / sqrt(var(y) + eps),  d~ = r (y - mu) * g + beta
+    score = <q^, d~> / max(||d~||, 1e-12),   q^ = q / max(||q||, 1e-12)
+
+Everything in it is a function of six *moments* of y, sums over the m features::
+
+    mu  = sum(y) / m            E2  = sum(y^2) / m         P   = sum(q^ g y)
+    Gy  = sum(g^2 y)            Gy2 = sum(g^2 y^2)         Vy  = sum(g beta y)
+
+    var   = E2 - mu^2
+    <q^, d~> = r (P - mu <q^, g>) + <q^, beta>
+    ||d~||^2 = r^2 (Gy2 - 2 mu Gy + mu^2 sum(g^2)) + 2 r (Vy - mu sum(g beta)) + ||beta||^2
+
+LayerNorm is shift-invariant, so y may be replaced by y - c for any constant c; the callers
+shift y so that its mean is small, which keeps ``E2 - mu^2`` free of cancellation:
+
+- ``diagonal`` (y = d * s + b): b is centred, ``b' = b - mean(b)``. Then every moment is an
+  affine function of the dot products of d with 6 query-dependent vectors and of d*d with 2
+  more (:func:`diagonal_atoms`), so exhaustive scoring is a GEMM of the corpus (N x m) by an
+  (m x 6B) matrix plus a GEMM of the squared corpus by an (m x 2B) one, and an O(1) epilogue.
+  That is 8m multiply-adds per (document, query): fewer are not possible in general, since
+  ||d~|| needs two distinct diagonal quadratic forms (weights s^2 and g^2 s^2).
+- ``affine`` (y = W d + b): the rows of W and b are centred over the output index,
+  ``W' = W - 1 (1^T W) / m``, ``b' = b - mean(b)``, so mean(y') = 0 exactly in real
+  arithmetic (:func:`affine_prep`) and the moments are taken of ``y' = W' d + b'``.
+
+Verified against the float64 reference in tests/test_modulated_topk.py: the fp32 algebra
+stays within 1e-7 of it on unit-norm inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
+
+import torch
+
+# F.normalize's default eps, as the official implementation's cosine.
+NORMALIZE_EPS = 1e-12
+
+# Column layout of the per-query constants table (B, NUM_CONSTS).
+C_CB = 0  # sum(b'^2)/m              (diagonal; 0 for affine, already inside E2)
+C_QGB = 1  # <q^ g, b'>               (diagonal; 0 for affine)
+C_QG = 2  # <q^, g>
+C_QBETA = 3  # <q^, beta>
+C_G2B2 = 4  # sum(g^2 b'^2)            (diagonal; 0 for affine)
+C_G2B = 5  # sum(g^2 b')              (diagonal; 0 for affine)
+C_GBETAB = 6  # sum(g beta b')        (diagonal; 0 for affine)
+C_GBETA = 7  # sum(g beta)
+C_BETA2 = 8  # ||beta||^2
+C_G2 = 9  # sum(g^2)
+NUM_CONSTS = 10
+
+# Row layout of the diagonal atoms: lin (6, B, m) is dotted with d, quad (2, B, m) with d*d.
+A_MU, A_P, A_GY, A_VY, A_E2, A_GY2 = range(6)
+
+
+def compute_dtype(transform: torch.Tensor) -> torch.dtype:
+    """The dtype every path computes in: float32, or float64 for a float64 transform
+    (as the reference, so that gradcheck in float64 runs the real code)."""
+    return torch.promote_types(transform.dtype, torch.float32)
+
+
+def normalized_queries(queries: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q / max(||q||, 1e-12)`` in ``dtype`` (F.normalize's formula)."""
+    q = queries.to(dtype)
+    return q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(NORMALIZE_EPS)
+
+
+def _consts(
+    q_hat: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    b_centered: torch.Tensor | None,
+) -> torch.Tensor:
+    """(B, NUM_CONSTS) per-query constants; ``b_centered`` None means they are in the moments."""
+    bsz, m = q_hat.shape
+    c = torch.zeros(bsz, NUM_CONSTS, dtype=q_hat.dtype, device=q_hat.device)
+    c[:, C_QG] = q_hat @ g
+    c[:, C_QBETA] = q_hat @ beta
+    c[:, C_GBETA] = torch.dot(g, beta)
+    c[:, C_BETA2] = torch.dot(beta, beta)
+    c[:, C_G2] = torch.dot(g, g)
+    if b_centered is not None:
+        bp, g2 = b_centered, g * g
+        c[:, C_CB] = (bp * bp).sum(1) / m
+        c[:, C_QGB] = (q_hat * g * bp).sum(1)
+        c[:, C_G2B2] = (bp * bp) @ g2
+        c[:, C_G2B] = bp @ g2
+        c[:, C_GBETAB] = bp @ (g * beta)
+    return c
+
+
+class DiagonalAtoms(NamedTuple):
+    """Query-side vectors of the diagonal algebra (see the module docstring).
+
+    ``lin`` (6, B, m): dotted with d, rows [mu, P, Gy, Vy, E2, Gy2] (A_* order);
+    ``quad`` (2, B, m): dotted with d*d, added to the E2 and Gy2 rows;
+    ``consts`` (B, NUM_CONSTS).
+    """
+
+    lin: torch.Tensor
+    quad: torch.Tensor
+    consts: torch.Tensor
+
+
+def diagonal_atoms(
+    transform: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    queries: torch.Tensor,
+    dtype: torch.dtype,
+) -> DiagonalAtoms:
+    """Atoms for ``y = d * s + b``: 6 vectors dotted with d, 2 with d*d, per query.
+
+    With b' = b - mean(b) (LayerNorm is shift-invariant) and y' = d * s + b'::
+
+        mu  = <s/m, d>                         E2  = <2 s b'/m, d> + <s^2/m, d^2> + sum(b'^2)/m
+        P   = <q^ g s, d> + <q^ g, b'>         Gy2 = <2 g^2 s b', d> + <g^2 s^2, d^2> + sum(g^2 b'^2)
+        Gy  = <g^2 s, d> + sum(g^2 b')         Vy  = <g beta s, d> + sum(g beta b')
+    """
+    m = queries.shape[1]
+    t = transform.to(dtype)
+    s, b = t[:, :m], t[:, m:]
+    bp = b - b.mean(dim=1, keepdim=True)
+    g, beta = ln_weight.to(dtype), ln_bias.to(dtype)
+    q_hat = normalized_queries(queries, dtype)
+    g2 = g * g
+    lin = torch.stack(
+        [s / m, q_hat * g * s, g2 * s, (g * beta) * s, (2.0 / m) * s * bp, 2.0 * g2 * s * bp]
+    )
+    quad = torch.stack([s * s / m, g2 * s * s])
+    return DiagonalAtoms(lin, quad, _consts(q_hat, g, beta, bp))
+
+
+class AffinePrep(NamedTuple):
+    """Query-side tensors of the affine form with W and b centred over the output index.
+
+    ``weight`` (B, m, m): W' (y' = W' d + b'), ``bias`` (B, m): b',
+    ``vecs`` (B, 3, m): [q^ g, g^2, g beta] (broadcast over B for the last two),
+    ``consts`` (B, NUM_CONSTS) with the diagonal-only entries zero.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    vecs: torch.Tensor
+    consts: torch.Tensor
+
+
+def affine_prep(
+    transform: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    queries: torch.Tensor,
+    dtype: torch.dtype,
+) -> AffinePrep:
+    """Centred W', b' and the moment vectors for ``y = W d + b``."""
+    bsz, m = queries.shape
+    t = transform.to(dtype)
+    w = t[:, : m * m].reshape(bsz, m, m)
+    b = t[:, m * m :]
+    # Subtracting the column means of W (the mean over the output index i of W[i, j]) and the
+    # mean of b makes mean_i(y'_i) = 0 for every d: no cancellation in E2 - mu^2.
+    wc = (w - w.mean(dim=1, keepdim=True)).contiguous()
+    bc = (b - b.mean(dim=1, keepdim=True)).contiguous()
+    g, beta = ln_weight.to(dtype), ln_bias.to(dtype)
+    q_hat = normalized_queries(queries, dtype)
+    vecs = torch.stack([q_hat * g, (g * g).expand(bsz, m), (g * beta).expand(bsz, m)], dim=1)
+    return AffinePrep(wc, bc, vecs.contiguous(), _consts(q_hat, g, beta, None))
+
+
+def cosine_epilogue_(
+    mu: torch.Tensor,
+    p: torch.Tensor,
+    gy: torch.Tensor,
+    vy: torch.Tensor,
+    e2: torch.Tensor,
+    gy2: torch.Tensor,
+    consts: torch.Tensor,
+    eps: float,
+    queries_last: bool = False,
+) -> torch.Tensor:
+    """Scores from the six moments (PyTorch; all arguments broadcast against each other).
+
+    ``consts`` is (B, NUM_CONSTS); the moments are (B, n) (or (n, B) with ``queries_last``):
+    each query's constants apply to its row (column). Overwrites ``p``, ``gy``, ``vy``,
+    ``e2`` and ``gy2`` in place (they are scratch on the hot path: about 20 in-place passes
+    over a (B, n) slab, no allocation but ``mu^2``) and returns the scores in ``p``'s storage.
+    """
+    # c[:, X] is each query's constant X, shaped to broadcast over the moments.
+    c = consts.t()[None, :, :] if queries_last else consts[:, :, None]
+    mu2 = mu * mu
+    # var = E2 + cb - mu^2, clamped at 0 against rounding, then r = 1/sqrt(var + eps).
+    r = e2.sub_(mu2)
+    torch.maximum(r, -c[:, C_CB], out=r)
+    r.add_(c[:, C_CB] + eps).rsqrt_()
+    # <q^, d~> = r (P + <q^g, b'> - mu <q^, g>) + <q^, beta>
+    num = p.addcmul_(mu, c[:, C_QG], value=-1.0).add_(c[:, C_QGB]).mul_(r).add_(c[:, C_QBETA])
+    # Q = Gy2 + sum(g^2 b'^2) - 2 mu (Gy + sum(g^2 b')) + mu^2 sum(g^2)
+    gy.add_(c[:, C_G2B])
+    q = gy2.add_(c[:, C_G2B2]).addcmul_(mu, gy, value=-2.0).addcmul_(mu2, c[:, C_G2])
+    # L = Vy + sum(g beta b') - mu sum(g beta)
+    lin = vy.addcmul_(mu, c[:, C_GBETA], value=-1.0).add_(c[:, C_GBETAB])
+    # ||d~||^2 = r (r Q + 2 L) + ||beta||^2; score = num / max(||d~||, 1e-12)
+    den = q.mul_(r).add_(lin, alpha=2.0).mul_(r).add_(c[:, C_BETA2])
+    den.clamp_min_(NORMALIZE_EPS * NORMALIZE_EPS).rsqrt_()
+    return num.mul_(den)
+
+
+# --------------------------------------------------------------------------- top-k
+
+
+def merge_topk(
+    scores: torch.Tensor, ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best ``k`` of each row of (scores, ids), ordered by (score desc, id asc).
+
+    Two sorts make the order total and deterministic whatever order the inputs come in:
+    a sort by id, then a *stable* sort by score keeps equal scores in id order.
+    Rows shorter than ``k`` are padded with ``-inf`` / ``-1``.
+    """
+    ids_sorted, perm = torch.sort(ids, dim=1)
+    s = scores.gather(1, perm)
+    s, order = torch.sort(s, dim=1, descending=True, stable=True)
+    i = ids_sorted.gather(1, order)
+    bsz, n = s.shape
+    if n >= k:
+        return s[:, :k].contiguous(), i[:, :k].contiguous()
+    out_s = torch.full((bsz, k), float("-inf"), dtype=s.dtype, device=s.device)
+    out_i = torch.full((bsz, k), -1, dtype=torch.int64, device=s.device)
+    out_s[:, :n] = s
+    out_i[:, :n] = i
+    return out_s, out_i
+
+
+def chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n) -> the ``min(k, n)`` best columns of each row, ties at the cut by lower column.
+
+    ``torch.topk`` is fast but not stable: when several columns tie with the k-th value it may
+    keep a higher column and drop a lower one. Rows where that can happen (more than k values
+    >= the k-th) are redone with a stable sort; with real-valued scores that only happens for
+    duplicate documents, so the common cost is one extra compare-and-count pass.
+    """
+    n = scores.shape[1]
+    kk = min(k, n)
+    vals, idx = torch.topk(scores, kk, dim=1, largest=True, sorted=True)
+    if kk < n:
+        count = (scores >= vals[:, -1:]).sum(dim=1)
+        bad = torch.nonzero(count > kk).flatten()
+        if bad.numel():
+            v, i = torch.sort(scores[bad], dim=1, descending=True, stable=True)
+            vals[bad] = v[:, :kk]
+            idx[bad] = i[:, :kk]
+    return vals, idx
+
+
+class StreamingTopK:
+    """Running top-k over column chunks of a (B, N) score matrix that is never materialised.
+
+    ``add(chunk_scores, offset)`` takes the scores of columns ``offset .. offset + n``; the
+    state is ((B, k) scores, (B, k) ids), ordered by (score desc, id asc), padded with
+    ``-inf`` / ``-1`` while fewer than k columns have been seen.
+    """
+
+    def __init__(self, batch: int, k: int, device: torch.device) -> None:
+        self.k = k
+        self.scores = torch.full((batch, k), float("-inf"), dtype=torch.float32, device=device)
+        self.ids = torch.full((batch, k), -1, dtype=torch.int64, device=device)
+
+    def add(self, chunk_scores: torch.Tensor, offset: int) -> None:
+        """Merge columns ``offset ..`` (higher than every column added before)."""
+        # Only scores strictly above the current k-th best can enter: an equal score loses the
+        # tie to the lower id already held. After the first chunks almost nothing passes
+        # (about k ln(N/k) survivors per query over a whole scan), so a compare and a nonzero
+        # replace torch.topk: 0.8 ms -> ~0.1 ms per (16 x 4096) chunk on one EPYC core.
+        survivors = chunk_scores > self.scores[:, -1:]
+        counts = survivors.sum(dim=1)
+        most = int(counts.max())
+        if most == 0:
+            return
+        if most <= 2 * self.k:
+            rows, cols = survivors.nonzero(as_tuple=True)  # row-major: grouped by row
+            starts = torch.cumsum(counts, 0) - counts
+            pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+            vals = torch.full(
+                (chunk_scores.shape[0], most),
+                float("-inf"),
+                dtype=torch.float32,
+                device=chunk_scores.device,
+            )
+            idx = torch.full_like(vals, -1, dtype=torch.int64)
+            vals[rows, pos] = chunk_scores[rows, cols].float()
+            idx[rows, pos] = cols + offset
+        else:
+            vals, idx = chunk_topk(chunk_scores, self.k)
+            vals, idx = vals.float(), idx.add_(offset)
+        self.scores, self.ids = merge_topk(
+            torch.cat([self.scores, vals], dim=1), torch.cat([self.ids, idx], dim=1), self.k
+        )
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scores, self.ids
+
+
+def topk_by_id(
+    scores: torch.Tensor, ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused top-k of a rerank: best ``k`` of (B, K) candidate scores as (scores, corpus ids).
+
+    Ties are broken by the lower corpus id; ``k > K`` pads with ``-inf`` / ``-1``. Duplicate
+    candidate ids are kept (each occurrence is a candidate with the same score), as a (B, K)
+    table of scores would show them.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if scores.shape != ids.shape or scores.dim() != 2:
+        raise ValueError(
+            f"scores and ids must be (B, K) of one shape, got {tuple(scores.shape)} and "
+            f"{tuple(ids.shape)}"
+        )
+    return merge_topk(scores.float(), ids.long(), k)
+
+
+# --------------------------------------------------------------------------- CPU workers
+
+_State = TypeVar("_State")
+_WORKERS_LOCK = threading.Lock()
+_LOCAL = threading.local()  # .in_worker: nested calls run inline instead of deadlocking
+
+
+def run_workers(
+    num_items: int,
+    make_state: Callable[[], _State],
+    body: Callable[[_State, int], None],
+    workers: int | None = None,
+) -> list[_State]:
+    """Run ``body(state, i)`` for every ``i < num_items`` on Python threads, one ``state``
+    (buffers, a running top-k) per thread, items handed out dynamically; returns the states.
+
+    Why not torch's own intra-op threads: a chunk of scoring is ~30 medium-sized ops, and each
+    multi-threaded op ends in a barrier. On the 2-core CI machines, shared with other jobs,
+    a barrier often waits a whole scheduler slice for the descheduled sibling: exhaustive search
+    (N=1e6, B=16) took 15-18 s with 2 intra-op threads against 2.7-3.0 s with 1. One thread
+    per worker and one join per call is the shape faiss uses (one OpenMP region per search).
+
+    ``workers`` defaults to ``torch.get_num_threads()``. While the workers run, torch's thread
+    count is 1 (process-wide) and is restored afterwards; concurrent calls are serialised, and
+    a call from inside a worker (``body`` calling another op that uses workers) runs inline.
+    """
+    workers = torch.get_num_threads() if workers is None else workers
+    workers = max(1, min(workers, num_items))
+    if workers == 1 or getattr(_LOCAL, "in_worker", False):
+        state = make_state()
+        for i in range(num_items):
+            body(state, i)
+        return [state]
+    with _WORKERS_LOCK:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        counter = itertools.count()
+        states: list[_State | None] = [None] * workers
+        errors: list[BaseException] = []
+
+        def run(slot: int) -> None:
+            _LOCAL.in_worker = True
+            try:
+                state = make_state()
+                states[slot] = state
+                for i in counter:  # next() on a shared count is atomic under the GIL
+                    if i >= num_items or errors:
+                        break
+                    body(state, i)
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+
+        try:
+            threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in range(workers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            torch.set_num_threads(saved)
+    if errors:
+        raise errors[0]
+    return [st for st in states if st is not None]

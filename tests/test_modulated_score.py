@@ -1,0 +1,198 @@
+"""Candidate scoring (modulated_score): Triton kernel (interpreted) and CPU path vs reference.
+
+The reference runs in float64 on exactly the stored corpus values; both fast paths upcast the
+stored values exactly and accumulate in fp32, so they are held to the fp32 tolerance for
+every storage dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import imrnns_kernels as K
+from imrnns_kernels import reference as R
+from imrnns_kernels.cpu.modulated_score import ModulatedScoreCPU
+from imrnns_kernels.ops import modulated_score as triton_score
+from imrnns_kernels.ops._scoring_common import topk_by_id
+from tests._scoring_inputs import scoring_inputs
+from tests.utils import DTYPES, assert_close
+
+BACKENDS = ("triton", "cpu")
+MODULATIONS = ("diagonal", "affine")
+
+
+def _ids(b: int, k: int, n: int) -> torch.Tensor:
+    ids = torch.randint(0, n, (b, k))
+    ids[:, 1] = ids[:, 4]  # duplicate candidates within a row
+    ids[0, -1] = n - 1  # the last corpus row
+    return ids
+
+
+def _reference(x, ids, modulation):
+    x64 = x.double()
+    return R.modulated_score(x64.corpus, ids, *x64[1:], modulation=modulation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("modulation", MODULATIONS)
+@pytest.mark.parametrize("m", [50, 256, 384])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(backend, modulation, m, dtype):
+    b, k, n = 3, 37, 1000 + 17
+    x = scoring_inputs(b, n, m, modulation, dtype)
+    ids = _ids(b, k, n)
+    with K.use_backend(backend):
+        got = K.modulated_score(x.corpus, ids, *x[1:], modulation=modulation)
+    assert got.shape == (b, k) and got.dtype == torch.float32
+    assert_close(got, _reference(x, ids, modulation), torch.float32)
+    # duplicate ids score the same (up to GEMM blocking: BLAS may round a row differently
+    # depending on its position in the block)
+    assert_close(got[:, 1], got[:, 4], torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_ids_and_strided_inputs(backend):
+    b, k, n, m = 2, 19, 300, 50
+    x = scoring_inputs(b, n, m, "diagonal")
+    ids = _ids(b, k, n)
+    want = _reference(x, ids, "diagonal")
+    # rows of a wider tensor (row stride != m: read in place) ...
+    wide = torch.zeros(n, m + 13)
+    wide[:, :m] = x.corpus
+    # ... a column-strided view (no unit last-dim stride: copied), a transposed transform,
+    # and a non-contiguous queries view.
+    colstrided = torch.zeros(n, 2 * m)[:, ::2]
+    colstrided.copy_(x.corpus)
+    transform = x.transform.t().contiguous().t()
+    queries = torch.zeros(b, 2 * m)[:, ::2]
+    queries.copy_(x.queries)
+    with K.use_backend(backend):
+        for corpus in (wide[:, :m], colstrided):
+            got = K.modulated_score(
+                corpus, ids.int(), transform, x.ln_weight, x.ln_bias, queries, "diagonal"
+            )
+            assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_gradients_match_reference_autograd(backend, modulation):
+    """fp32 gradients of the fused path vs autograd through the float64 reference."""
+    b, k, n, m = 3, 21, 120, 50
+    x = scoring_inputs(b, n, m, modulation)
+    ids = _ids(b, k, n)
+    grad = torch.randn(b, k)
+    ours = [t.clone().requires_grad_(True) for t in x]
+    with K.use_backend(backend):
+        out = K.modulated_score(ours[0], ids, *ours[1:], modulation=modulation)
+    (out * grad).sum().backward()
+    ref = [t.double().clone().requires_grad_(True) for t in x]
+    # The reference's float32 cast would round the gradients: differentiate its float64 body.
+    want = _reference_f64(ref, ids, modulation)
+    (want * grad.double()).sum().backward()
+    for name, a, r in zip(x._fields, ours, ref, strict=True):
+        assert a.grad is not None, name
+        assert_close(a.grad, r.grad, torch.float32)
+
+
+def _reference_f64(leaves, ids, modulation):
+    corpus, transform, ln_w, ln_b, queries = leaves
+    from imrnns_kernels.reference.modulate import modulate_layernorm
+
+    d = modulate_layernorm(corpus[ids], transform, ln_w, ln_b, modulation, 1e-5)
+    d = torch.nn.functional.normalize(d, dim=-1)
+    q = torch.nn.functional.normalize(queries, dim=-1)
+    return torch.einsum("bm,bkm->bk", q, d)
+
+
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_cpu_backward_gradcheck_float64(modulation):
+    b, _k, n, m = 2, 5, 9, 6
+    x = scoring_inputs(b, n, m, modulation).double()
+    ids = torch.tensor([[0, 3, 3, 8, 1], [2, 2, 5, 7, 0]])
+    leaves = [t.clone().requires_grad_(True) for t in x]
+
+    def fn(corpus, transform, ln_w, ln_b, queries):
+        return ModulatedScoreCPU.apply(
+            corpus, ids, transform, ln_w, ln_b, queries, modulation, 1e-5
+        )
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_step_on_model_uses_fused_path(backend):
+    """IMRNN.forward trains through the fused scoring op: gradients reach the projector."""
+    from imrnns import IMRNN, IMRNNConfig
+
+    model = IMRNN(IMRNNConfig(input_dim=24, dim=16))
+    q, c = torch.randn(2, 24), torch.randn(2, 5, 24)
+    with K.use_backend(backend):
+        model(q, c).scores.sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert grads["projector.weight"] is not None and grads["doc_norm.weight"] is not None
+    ref_model = IMRNN(IMRNNConfig(input_dim=24, dim=16))
+    ref_model.load_state_dict(model.state_dict())
+    with K.use_backend("reference"):
+        ref_model(q, c).scores.sum().backward()
+    for name, p in ref_model.named_parameters():
+        if p.grad is not None:
+            assert_close(grads[name], p.grad, torch.float32)
+
+
+def test_rerank_topk_helper_ties_and_padding():
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.1], [0.2, 0.2, 0.2, 0.2]])
+    ids = torch.tensor([[7, 3, 2, 9], [5, 1, 1, 4]])
+    s, i = topk_by_id(scores, ids, 6)
+    assert i.tolist() == [[3, 2, 7, 9, -1, -1], [1, 1, 4, 5, -1, -1]]
+    assert s[0, :4].tolist() == pytest.approx([0.9, 0.5, 0.5, 0.1])
+    assert bool(torch.isinf(s[:, 4:]).all() and (s[:, 4:] < 0).all())
+    with pytest.raises(ValueError, match="k must be"):
+        topk_by_id(scores, ids, 0)
+
+
+def test_triton_launcher_rejects_cpu_tensors_when_not_interpreting(monkeypatch):
+    x = scoring_inputs(1, 10, 8, "diagonal")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        triton_score.modulated_score_forward(
+            x.corpus, torch.zeros(1, 2, dtype=torch.long), *x[1:], "diagonal", 1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        (lambda a: a.update(queries=torch.randn(2, 7)), "queries dim 7"),
+        (lambda a: a.update(ids=torch.tensor([[0, 11], [1, 2]])), "outside the corpus"),
+        (lambda a: a.update(ids=torch.tensor([[0, -1], [1, 2]])), "outside the corpus"),
+        (lambda a: a.update(ids=torch.zeros(3, 2, dtype=torch.long)), "ids has 3 rows"),
+        (lambda a: a.update(transform=torch.randn(2, 9)), "transform must have shape"),
+        (lambda a: a.update(ln_weight=torch.ones(5)), "ln_weight must have shape"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, pattern):
+    x = scoring_inputs(2, 11, 6, "diagonal")
+    args = {
+        "corpus": x.corpus,
+        "ids": torch.tensor([[0, 1], [2, 10]]),
+        "transform": x.transform,
+        "ln_weight": x.ln_weight,
+        "ln_bias": x.ln_bias,
+        "queries": x.queries,
+    }
+    change(args)
+    with pytest.raises(ValueError, match=pattern):
+        K.modulated_score(**args)
+
+
+def test_dot_precision_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("IMRNNS_DOT_PRECISION", raising=False)
+    assert triton_score.dot_precision(cpu) == "ieee"  # no TF32 off CUDA
+    monkeypatch.setenv("IMRNNS_DOT_PRECISION", "tf32x3")
+    assert triton_score.dot_precision(cpu) == "tf32x3"
+    monkeypatch.setenv("IMRNNS_DOT_PRECISION", "tf32")
+    with pytest.raises(ValueError, match="IMRNNS_DOT_PRECISION"):
+        triton_score.dot_precision(cpu)
