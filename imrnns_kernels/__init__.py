@@ -8,6 +8,8 @@ reference in :mod:`imrnns_kernels.reference`. See :mod:`imrnns_kernels.dispatch`
 from imrnns_kernels._validation import transform_dim
 from imrnns_kernels.dispatch import (
     adapter_reduce,
+    corpus_transform,
+    document_transforms,
     modulate_layernorm,
     modulated_score,
     modulated_topk,
@@ -22,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "HyperNetWeights",
     "adapter_reduce",
+    "corpus_transform",
+    "document_transforms",
     "modulate_layernorm",
     "modulated_score",
     "modulated_topk",
