@@ -368,11 +368,16 @@ def run_workers(
         saved = torch.get_num_threads()
         torch.set_num_threads(1)
         counter = itertools.count()
+        # Grad mode is per thread: a worker would start with grad on even when the caller
+        # (e.g. an autograd Function's forward) runs under no_grad, and in-place out= ops
+        # then fail. Carry the caller's mode into every worker.
+        grad_enabled = torch.is_grad_enabled()
         states: list[_State | None] = [None] * workers
         errors: list[BaseException] = []
 
         def run(slot: int) -> None:
             _LOCAL.in_worker = True
+            torch.set_grad_enabled(grad_enabled)
             try:
                 state = make_state()
                 states[slot] = state
