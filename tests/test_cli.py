@@ -12,7 +12,7 @@ import pytest
 from imrnns import IMRNN, IMRNNConfig
 from imrnns.cli import build_parser, main
 
-COMMANDS = ["encode", "search", "evaluate", "train", "demo"]
+COMMANDS = ["encode", "search", "evaluate", "train", "demo", "explain", "bench"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
