@@ -77,13 +77,13 @@ from imrnns import index as _index
 from imrnns._atomic import resolve_directory
 from imrnns.checkpoints import load_pretrained
 from imrnns.index import (
-    MODES,
     SEARCH_CHUNK,
     STORAGE_DTYPES,
     IMRNNIndex,
     IndexError_,
     _as_tensor,
     _topk_by_score_then_id,
+    check_search_args,
 )
 from imrnns.model import IMRNN
 from imrnns_kernels import _validation as V
@@ -623,26 +623,17 @@ class DistributedIMRNNIndex:
     def _validate_search(
         self, queries: Any, k: Any, mode: Any, feedback_k: Any, encoder: Any
     ) -> tuple[torch.Tensor, bool, int]:
-        # The same checks, in the same order, as IMRNNIndex.search.
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        V.check_k(k)
-        kf_req = self.feedback_k if feedback_k is None else feedback_k
-        if isinstance(kf_req, bool) or not isinstance(kf_req, int) or kf_req <= 0:
-            raise ValueError(f"feedback_k must be a positive int, got {kf_req!r}")
-        if encoder is not None and self.encoder is not None and encoder != self.encoder:
-            raise ValueError(
-                f"queries come from encoder {encoder!r} but this index was built with "
-                f"{self.encoder!r}: scores across encoders are meaningless"
-            )
-        if self._ntotal == 0:
-            raise ValueError("the index is empty: add() documents before searching")
-        q, was_numpy = _as_tensor(queries, "queries")
-        n = self.model.config.input_dim
-        if q.dim() != 2 or q.shape[1] != n:
-            raise ValueError(f"queries must have shape (B, {n}), got {tuple(q.shape)} ({q.dtype})")
-        V.check_finite("queries", q)
-        return q, was_numpy, min(kf_req, self._ntotal)
+        return check_search_args(
+            queries,
+            k,
+            mode,
+            feedback_k,
+            self.feedback_k,
+            encoder,
+            self.encoder,
+            self._ntotal,
+            self.model.config.input_dim,
+        )
 
     @torch.no_grad()
     def search(

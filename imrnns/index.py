@@ -79,6 +79,49 @@ def _as_tensor(x: Any, name: str) -> tuple[torch.Tensor, bool]:
     raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
 
 
+def check_queries(queries: Any, ntotal: int, input_dim: int) -> tuple[torch.Tensor, bool]:
+    """(float32 (B, n) tensor, was_numpy) for a search over ``ntotal`` documents, or raise."""
+    if ntotal == 0:
+        raise ValueError("the index is empty: add() documents before searching")
+    q, was_numpy = _as_tensor(queries, "queries")
+    if q.dim() != 2 or q.shape[1] != input_dim:
+        raise ValueError(
+            f"queries must have shape (B, {input_dim}), got {tuple(q.shape)} ({q.dtype})"
+        )
+    V.check_finite("queries", q)
+    return q, was_numpy
+
+
+def check_search_args(
+    queries: Any,
+    k: Any,
+    mode: Any,
+    feedback_k: Any,
+    default_feedback_k: int,
+    encoder: str | None,
+    index_encoder: str | None,
+    ntotal: int,
+    input_dim: int,
+) -> tuple[torch.Tensor, bool, int]:
+    """Every check of a ``search`` call, in order; shared by the single and sharded index.
+
+    Returns (queries as a float32 tensor, was_numpy, effective feedback_k <= ntotal).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    V.check_k(k)
+    kf_req = default_feedback_k if feedback_k is None else feedback_k
+    if isinstance(kf_req, bool) or not isinstance(kf_req, int) or kf_req <= 0:
+        raise ValueError(f"feedback_k must be a positive int, got {kf_req!r}")
+    if encoder is not None and index_encoder is not None and encoder != index_encoder:
+        raise ValueError(
+            f"queries come from encoder {encoder!r} but this index was built with "
+            f"{index_encoder!r}: scores across encoders are meaningless"
+        )
+    q, was_numpy = check_queries(queries, ntotal, input_dim)
+    return q, was_numpy, min(kf_req, ntotal)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -271,14 +314,7 @@ class IMRNNIndex:
         return torch.from_numpy(scores).to(self.device), torch.from_numpy(ids).to(self.device)
 
     def _check_queries(self, queries: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
-        if self.ntotal == 0:
-            raise ValueError("the index is empty: add() documents before searching")
-        q, was_numpy = _as_tensor(queries, "queries")
-        n = self.model.config.input_dim
-        if q.dim() != 2 or q.shape[1] != n:
-            raise ValueError(f"queries must have shape (B, {n}), got {tuple(q.shape)} ({q.dtype})")
-        V.check_finite("queries", q)
-        return q, was_numpy
+        return check_queries(queries, self.ntotal, self.model.config.input_dim)
 
     @torch.no_grad()
     def first_stage_search(
@@ -320,20 +356,19 @@ class IMRNNIndex:
         Returns:
             (scores (B, k) float32, ids (B, k) int64), same container type as ``queries``.
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        V.check_k(k)
-        kf_req = self.feedback_k if feedback_k is None else feedback_k
-        if isinstance(kf_req, bool) or not isinstance(kf_req, int) or kf_req <= 0:
-            raise ValueError(f"feedback_k must be a positive int, got {kf_req!r}")
-        if encoder is not None and self.encoder is not None and encoder != self.encoder:
-            raise ValueError(
-                f"queries come from encoder {encoder!r} but this index was built with "
-                f"{self.encoder!r}: scores across encoders are meaningless"
-            )
-        q, was_numpy = self._check_queries(queries)
+        q, was_numpy, kf = check_search_args(
+            queries,
+            k,
+            mode,
+            feedback_k,
+            self.feedback_k,
+            encoder,
+            self.encoder,
+            self.ntotal,
+            self.model.config.input_dim,
+        )
         outs = [
-            self._search_chunk(q[lo : lo + SEARCH_CHUNK], k, mode, min(kf_req, self.ntotal))
+            self._search_chunk(q[lo : lo + SEARCH_CHUNK], k, mode, kf)
             for lo in range(0, q.shape[0], SEARCH_CHUNK)
         ]
         scores = torch.cat([o[0] for o in outs]) if outs else torch.empty(0, k)
