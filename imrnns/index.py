@@ -223,9 +223,7 @@ class IMRNNIndex:
     @property
     def _uses_cache(self) -> bool:
         return (
-            self.cache_document_transforms
-            and self.model.config.aggregation == "mean_of_transforms"
-            and hasattr(K, "document_transforms")
+            self.cache_document_transforms and self.model.config.aggregation == "mean_of_transforms"
         )
 
     # ------------------------------------------------------------------ building
