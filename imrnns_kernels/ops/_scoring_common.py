@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple, TypeVar
 
 import torch
@@ -120,8 +121,12 @@ def diagonal_atoms(
     ln_bias: torch.Tensor,
     queries: torch.Tensor,
     dtype: torch.dtype,
+    queries_first: bool = False,
 ) -> DiagonalAtoms:
     """Atoms for ``y = d * s + b``: 6 vectors dotted with d, 2 with d*d, per query.
+
+    ``queries_first`` lays ``lin`` / ``quad`` out as (B, 6, m) / (B, 2, m) instead of
+    (6, B, m) / (2, B, m): the operand layout of a per-query batched GEMM.
 
     With b' = b - mean(b) (LayerNorm is shift-invariant) and y' = d * s + b'::
 
@@ -136,10 +141,12 @@ def diagonal_atoms(
     g, beta = ln_weight.to(dtype), ln_bias.to(dtype)
     q_hat = normalized_queries(queries, dtype)
     g2 = g * g
+    dim = 1 if queries_first else 0
     lin = torch.stack(
-        [s / m, q_hat * g * s, g2 * s, (g * beta) * s, (2.0 / m) * s * bp, 2.0 * g2 * s * bp]
+        [s / m, q_hat * g * s, g2 * s, (g * beta) * s, (2.0 / m) * s * bp, 2.0 * g2 * s * bp],
+        dim=dim,
     )
-    quad = torch.stack([s * s / m, g2 * s * s])
+    quad = torch.stack([s * s / m, g2 * s * s], dim=dim)
     return DiagonalAtoms(lin, quad, _consts(q_hat, g, beta, bp))
 
 
@@ -189,6 +196,7 @@ def cosine_epilogue_(
     consts: torch.Tensor,
     eps: float,
     queries_last: bool = False,
+    ill: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores from the six moments (PyTorch; all arguments broadcast against each other).
 
@@ -196,6 +204,10 @@ def cosine_epilogue_(
     each query's constants apply to its row (column). Overwrites ``p``, ``gy``, ``vy``,
     ``e2`` and ``gy2`` in place (they are scratch on the hot path: about 20 in-place passes
     over a (B, n) slab, no allocation but ``mu^2``) and returns the scores in ``p``'s storage.
+
+    ``ill``: an optional bool tensor of the scores' shape, set where the one-pass moments are
+    ill-conditioned (see :data:`ILL_CONDITIONED`); those scores must be recomputed by
+    :func:`exact_scores`.
     """
     # c[:, X] is each query's constant X, shaped to broadcast over the moments.
     c = consts.t()[None, :, :] if queries_last else consts[:, :, None]
@@ -203,18 +215,60 @@ def cosine_epilogue_(
     # var = E2 + cb - mu^2, clamped at 0 against rounding, then r = 1/sqrt(var + eps).
     r = e2.sub_(mu2)
     torch.maximum(r, -c[:, C_CB], out=r)
-    r.add_(c[:, C_CB] + eps).rsqrt_()
+    r.add_(c[:, C_CB] + eps)
+    if ill is not None:
+        # E2 - mu^2 loses log2(mu^2 / (var + eps)) bits: flag the pairs that lose too many.
+        torch.gt(mu2, r * ILL_CONDITIONED, out=ill)
+    r.rsqrt_()
     # <q^, d~> = r (P + <q^g, b'> - mu <q^, g>) + <q^, beta>
     num = p.addcmul_(mu, c[:, C_QG], value=-1.0).add_(c[:, C_QGB]).mul_(r).add_(c[:, C_QBETA])
     # Q = Gy2 + sum(g^2 b'^2) - 2 mu (Gy + sum(g^2 b')) + mu^2 sum(g^2)
     gy.add_(c[:, C_G2B])
     q = gy2.add_(c[:, C_G2B2]).addcmul_(mu, gy, value=-2.0).addcmul_(mu2, c[:, C_G2])
+    if ill is not None:
+        # Q is sum(g^2 (y - mu)^2) expanded: the same cancellation, weighted by g^2.
+        ill |= (mu2 * c[:, C_G2]) > q * ILL_CONDITIONED
     # L = Vy + sum(g beta b') - mu sum(g beta)
     lin = vy.addcmul_(mu, c[:, C_GBETA], value=-1.0).add_(c[:, C_GBETAB])
     # ||d~||^2 = r (r Q + 2 L) + ||beta||^2; score = num / max(||d~||, 1e-12)
     den = q.mul_(r).add_(lin, alpha=2.0).mul_(r).add_(c[:, C_BETA2])
     den.clamp_min_(NORMALIZE_EPS * NORMALIZE_EPS).rsqrt_()
     return num.mul_(den)
+
+
+# The one-pass moments lose about log2(mu^2 / var) bits to cancellation. Rows of a projected
+# corpus have |mean| / std <= 0.1 (SciFact, shipped adapter: mu^2 / var <= 0.01 for every
+# query-document pair), so this only triggers on inputs such as rows sharing a common offset
+# of many standard deviations; there the affected scores are recomputed two-pass.
+ILL_CONDITIONED = 16.0
+
+
+def exact_scores(
+    rows: torch.Tensor,
+    transform: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    q_hat: torch.Tensor,
+    modulation: str,
+    eps: float,
+) -> torch.Tensor:
+    """(P,) two-pass scores of P (document, query) pairs, the reference's maths.
+
+    Args: ``rows`` (P, m) documents; ``transform`` (P, OUT) each pair's query transform;
+    ``q_hat`` (P, m) each pair's normalised modulated query; all in the compute dtype.
+    The fallback for pairs that :func:`cosine_epilogue_` flags as ill-conditioned.
+    """
+    m = rows.shape[1]
+    if modulation == "diagonal":
+        y = rows * transform[:, :m] + transform[:, m:]
+    else:
+        w = transform[:, : m * m].view(-1, m, m)
+        y = torch.baddbmm(transform[:, m * m :, None], w, rows[:, :, None]).squeeze(2)
+    yc = y - y.mean(dim=1, keepdim=True)
+    z = yc * torch.rsqrt((yc * yc).mean(dim=1, keepdim=True) + eps)
+    dt = z * ln_weight.to(rows.dtype) + ln_bias.to(rows.dtype)
+    den = torch.linalg.vector_norm(dt, dim=1).clamp_min(NORMALIZE_EPS)
+    return (q_hat * dt).sum(dim=1) / den
 
 
 # --------------------------------------------------------------------------- top-k
@@ -336,6 +390,19 @@ def topk_by_id(
 _State = TypeVar("_State")
 _WORKERS_LOCK = threading.Lock()
 _LOCAL = threading.local()  # .in_worker: nested calls run inline instead of deadlocking
+# Persistent helper threads, created on first use and kept (daemon, idle on a queue).
+# Starting a Python thread that touches torch cost 2.7 ms on the 2-core CI machine (thread-
+# local allocator arenas and torch state are set up afresh, and the new arena's pages fault
+# in again), which was a third of a 256-query rerank; a reused thread costs ~30 us.
+_POOL: ThreadPoolExecutor | None = None
+_POOL_THREADS = 64
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="imrnns-worker")
+    return _POOL
 
 
 def run_workers(
@@ -344,8 +411,8 @@ def run_workers(
     body: Callable[[_State, int], None],
     workers: int | None = None,
 ) -> list[_State]:
-    """Run ``body(state, i)`` for every ``i < num_items`` on Python threads, one ``state``
-    (buffers, a running top-k) per thread, items handed out dynamically; returns the states.
+    """Run ``body(state, i)`` for every ``i < num_items`` on worker threads, one ``state``
+    (buffers, a running top-k) per worker, items handed out dynamically; returns the states.
 
     Why not torch's own intra-op threads: a chunk of scoring is ~30 medium-sized ops, and each
     multi-threaded op ends in a barrier. On the 2-core CI machines, shared with other jobs,
@@ -353,12 +420,13 @@ def run_workers(
     (N=1e6, B=16) took 15-18 s with 2 intra-op threads against 2.7-3.0 s with 1. One thread
     per worker and one join per call is the shape faiss uses (one OpenMP region per search).
 
-    ``workers`` defaults to ``torch.get_num_threads()``. While the workers run, torch's thread
+    ``workers`` defaults to ``torch.get_num_threads()``. The calling thread is worker 0; the
+    others come from a persistent pool (see ``_POOL``). While the workers run, torch's thread
     count is 1 (process-wide) and is restored afterwards; concurrent calls are serialised, and
     a call from inside a worker (``body`` calling another op that uses workers) runs inline.
     """
     workers = torch.get_num_threads() if workers is None else workers
-    workers = max(1, min(workers, num_items))
+    workers = max(1, min(workers, num_items, _POOL_THREADS + 1))
     if workers == 1 or getattr(_LOCAL, "in_worker", False):
         state = make_state()
         for i in range(num_items):
@@ -377,6 +445,7 @@ def run_workers(
 
         def run(slot: int) -> None:
             _LOCAL.in_worker = True
+            previous_grad = torch.is_grad_enabled()
             torch.set_grad_enabled(grad_enabled)
             try:
                 state = make_state()
@@ -387,15 +456,45 @@ def run_workers(
                     body(state, i)
             except BaseException as exc:  # re-raised in the caller's thread
                 errors.append(exc)
+            finally:
+                _LOCAL.in_worker = False
+                torch.set_grad_enabled(previous_grad)
 
         try:
-            threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in range(workers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            futures = [_pool().submit(run, w) for w in range(1, workers)]
+            run(0)
+            wait(futures)
         finally:
             torch.set_num_threads(saved)
     if errors:
         raise errors[0]
     return [st for st in states if st is not None]
+
+
+# Thread-local scratch buffers, reused across calls. A freshly allocated multi-MB tensor is
+# a fresh mmap whose pages fault in on first touch: glibc returns large freed blocks to the
+# OS, so a 256-query rerank that allocated its 2 MB gather blocks per call took 1,000-4,000
+# page faults per call (3x the gather's own time). Worker threads are persistent (_POOL), so
+# their buffers are too. At most SCRATCH_KEEP_BYTES per (thread, key) are kept.
+_SCRATCH = threading.local()
+SCRATCH_KEEP_BYTES = 16 << 20
+
+
+def scratch(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor of ``shape`` backed by this thread's buffer for ``key``.
+
+    The buffer is reused by the next call with the same key on the same thread: never return
+    it (or a view of it) to a caller, and use one key per simultaneously live buffer.
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buf = buffers.get((key, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        if numel * buf.element_size() <= SCRATCH_KEEP_BYTES:
+            buffers[key, dtype] = buf
+    return buf[:numel].view(shape)
