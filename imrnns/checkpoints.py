@@ -52,6 +52,7 @@ def save_pretrained(model: IMRNN, directory: str | Path) -> Path:
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     with atomic_directory(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata=meta)
+        canonicalize_safetensors_header(tmp / WEIGHTS_NAME)
         payload = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -59,6 +60,34 @@ def save_pretrained(model: IMRNN, directory: str | Path) -> Path:
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def canonicalize_safetensors_header(path: str | Path) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted.
+
+    safetensors (0.8) serialises the metadata map in hash order, which changes from call to
+    call (two keys: either order, about half the time each), so saving the same model twice
+    gave different bytes. The tensor entries are kept in the order written (sorted by
+    safetensors) and the data section is untouched; the header keeps its length (the same
+    keys and values reordered), so it is rewritten in place.
+    """
+    path = Path(path)
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw, object_pairs_hook=dict)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        ordered = {"__metadata__": dict(sorted(meta.items()))}
+        ordered.update((k, v) for k, v in header.items() if k != "__metadata__")
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        # safetensors pads the header with spaces to a multiple of 8 bytes.
+        text += b" " * (size - len(text))
+        if len(text) != size:
+            raise CheckpointError(f"{path}: unexpected safetensors header layout")
+        fh.seek(8)
+        fh.write(text)
 
 
 def load_pretrained(

@@ -124,6 +124,17 @@ def _build_index(args: argparse.Namespace, enc: Any) -> Any:
     return index
 
 
+def workspace_bytes_arg(value: str) -> int:
+    """``--workspace-mb``: a positive number of MiB, as the int byte count the API takes."""
+    try:
+        mib = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {value!r}") from None
+    if not mib > 0 or mib == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of MiB, got {value!r}")
+    return max(1, int(mib * (1 << 20)))
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     if getattr(args, "distributed", False):
         from imrnns.distributed import run_distributed_search
@@ -134,7 +145,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     # One-off query texts: caching each distinct list would litter the cache.
     q = enc.encode_query(args.query, cache=False)
     t0 = time.perf_counter()
-    scores, ids = index.search(q, k=args.k, mode=args.mode, encoder=enc.fingerprint)
+    scores, ids = index.search(
+        q,
+        k=args.k,
+        mode=args.mode,
+        encoder=enc.fingerprint,
+        workspace_bytes=getattr(args, "workspace_mb", None),
+    )
     ms = (time.perf_counter() - t0) * 1e3
     names = index.doc_ids
     results = []
@@ -335,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=10)
     sp.add_argument("--index", default=None, help="load a saved index instead of building one")
     sp.add_argument("--save-index", default=None, help="save the built index here")
+    sp.add_argument(
+        "--workspace-mb",
+        type=workspace_bytes_arg,
+        default=None,
+        metavar="MIB",
+        help="bound on the exhaustive scan's extra memory, in MiB (all worker threads "
+        "together; default: about 15%% of the corpus)",
+    )
     sp.add_argument("--first-stage", choices=("flat", "ivf", "hnsw"), default="flat")
     sp.add_argument(
         "--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32"

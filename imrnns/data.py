@@ -214,28 +214,40 @@ def _find_qrels(root: Path, split: str) -> Path:
         ) from None
 
 
-def _open_text(path: Path) -> IO[str]:
-    # newline="" would keep "\r"; the default universal newlines strips Windows endings.
+def _open_binary(path: Path) -> IO[bytes]:
     if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(1-based line number, line)`` with decode errors reported by line."""
-    with _open_text(path) as f:
+    """Yield ``(1-based line number, line)`` with decode errors reported by line.
+
+    Lines are read as bytes and decoded one at a time: a text-mode reader decodes 8 KB
+    blocks, so a bad byte was reported on the first line of its block, not its own. Line
+    endings follow universal newlines, as text mode did (``\r\n`` and a lone ``\r`` end
+    a line and read as ``\n``).
+    """
+    with _open_binary(path) as f:
         lineno = 0
         while True:
-            lineno += 1
             try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from e
+                raw = f.readline()
             except (OSError, EOFError) as e:  # truncated or corrupt gzip stream
-                raise ValueError(f"{path}:{lineno}: cannot read file: {e}") from e
-            if not line:
+                raise ValueError(f"{path}:{lineno + 1}: cannot read file: {e}") from e
+            if not raw:
                 return
-            yield lineno, line
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason})") from e
+            if "\r" not in text:
+                lineno += 1
+                yield lineno, text
+                continue
+            for line in io.StringIO(text, newline=None):  # universal newlines
+                lineno += 1
+                yield lineno, line
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:

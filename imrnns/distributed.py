@@ -70,12 +70,10 @@ import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
 
 import imrnns_kernels as K
 from imrnns import index as _index
 from imrnns._atomic import resolve_directory
-from imrnns.checkpoints import load_pretrained
 from imrnns.index import (
     SEARCH_CHUNK,
     STORAGE_DTYPES,
@@ -87,6 +85,7 @@ from imrnns.index import (
 )
 from imrnns.model import IMRNN
 from imrnns_kernels import _validation as V
+from imrnns_kernels.dispatch import check_workspace_bytes
 
 __all__ = [
     "EXCHANGES",
@@ -511,7 +510,7 @@ class DistributedIMRNNIndex:
 
         Each rank keeps its contiguous block (projected rows, cache rows, first-stage vectors).
         """
-        cfg = index._index_config()
+        cfg = index.settings()
         out = cls(
             index.model,
             group=group,
@@ -521,10 +520,18 @@ class DistributedIMRNNIndex:
             **cfg,
         )
         lo, hi = shard_bounds(index.ntotal, out.world_size, out.rank)
-        corpus = index.projected_corpus[lo:hi]
-        cache = None if index._doc_cache is None else index._doc_cache[lo:hi]
-        vectors = _reconstruct(index._faiss, lo, hi)
-        out._install(corpus, cache, vectors, lo, index.ntotal, index.doc_ids)
+        cache = index.document_cache
+        names = index.doc_ids
+        local = IMRNNIndex.from_parts(
+            index.model,
+            index.projected_corpus[lo:hi],
+            index.first_stage_vectors(lo, hi),
+            document_cache=None if cache is None else cache[lo:hi],
+            doc_ids=None if names is None else names[lo:hi],
+            device=out.device,
+            **_shard_settings(cfg, hi - lo),
+        )
+        out._install(local, lo, index.ntotal, names is not None)
         return out
 
     @classmethod
@@ -559,65 +566,120 @@ class DistributedIMRNNIndex:
             manifest, d = _run_everywhere("load()", sig, read, group)
         else:
             manifest, d = read()
-        model = load_pretrained(d / "adapter")
         cfg = dict(manifest["index"])
+        n = int(manifest["ntotal"])
+        # Every rank's block, read by slice; the files were checked on every rank above.
+        world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+        lo, hi = shard_bounds(n, world, rank)
+
+        def read_block() -> IMRNNIndex:
+            return IMRNNIndex.load(d, device=device or "cpu", verify=False, rows=(lo, hi))
+
+        # A block that fails to read on one rank raises on every rank (no rank left waiting).
+        local = _run_everywhere("load()", sig, read_block, group) if world > 1 else read_block()
         out = cls(
-            model,
+            local.model,
             group=group,
             exchange=exchange,
             query_block=query_block,
             device=device or "cpu",
             **cfg,
         )
-        n = int(manifest["ntotal"])
-        lo, hi = shard_bounds(n, out.world_size, out.rank)
-        try:
-            with safe_open(str(d / "corpus.safetensors"), framework="pt") as fh:
-                keys = set(fh.keys())
-                corpus = fh.get_slice("projected")[lo:hi]
-                cache = fh.get_slice("doc_cache")[lo:hi] if "doc_cache" in keys else None
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise IndexError_(f"{d / 'corpus.safetensors'}: unreadable ({exc})") from exc
-        if tuple(corpus.shape) != (hi - lo, model.config.working_dim):
-            raise IndexError_(f"{d / 'corpus.safetensors'}: projected slice {tuple(corpus.shape)}")
-        path = str(d / "first_stage.faiss")
-        flag = faiss.IO_FLAG_MMAP if cfg.get("first_stage") == "flat" else 0
-        saved = faiss.read_index(path, flag)
-        if saved.ntotal != n:
-            raise IndexError_(f"{d}: first stage holds {saved.ntotal} rows, corpus {n}")
-        vectors = _reconstruct(saved, lo, hi)
-        del saved
-        names = None
-        if "doc_ids.json" in manifest.get("files", {}):
-            names = json.loads((d / "doc_ids.json").read_text())
-        out._install(corpus, cache, vectors, lo, n, names, names_are_global=True)
+        out._install(local, lo, n, "doc_ids.json" in manifest.get("files", {}))
         return out
 
-    def _install(
-        self,
-        corpus: torch.Tensor,
-        cache: torch.Tensor | None,
-        vectors: np.ndarray,
-        lo: int,
-        ntotal: int,
-        names: list[str] | None,
-        names_are_global: bool = True,
-    ) -> None:
-        """Put a shard's pieces in the local index (private fields: see the report/README)."""
-        local = self.local
-        hi = lo + corpus.shape[0]
-        local._corpus = corpus.to(local.device, local.storage_dtype).contiguous()
-        local._doc_cache = None if cache is None else cache.to(local.device).contiguous()
-        if hi > lo:
-            if local.first_stage == "ivf" and (local.nlist or 0) > hi - lo:
-                local.nlist = None  # the saved nlist was sized for the whole corpus
-            local._faiss = local._new_faiss(vectors.shape[1], vectors)
-            local._faiss.add(vectors)
-        if names is not None:
-            local.doc_ids = list(names[lo:hi]) if names_are_global else list(names)
-        self._gids = torch.arange(lo, hi, dtype=torch.int64, device=local.device)
+    # ------------------------------------------------------------------ saving
+    def save(self, directory: str | Path) -> Path:
+        """Collective: write the whole index to ``directory``, one ordinary index directory.
+
+        The result is what ``IMRNNIndex.save`` writes for the same documents (manifest with
+        SHA-256 checksums, adapter, corpus, first stage, names), readable by
+        ``IMRNNIndex.load`` and by :meth:`load` at any world size. Every rank sends its shard
+        to rank 0 (a gather: the barrier), which assembles the index in global-id order and
+        writes it to a temporary sibling directory, renamed over ``directory`` only once
+        complete; a rank that dies before that leaves ``directory`` as it was (a temporary
+        of a killed save is removed by the next save to the same path). Errors are raised
+        on every rank. Rank 0 holds the whole index while it writes; a flat first stage is
+        rebuilt from the shards' vectors exactly, IVF/HNSW are retrained over all of them.
+
+        Returns:
+            ``directory`` as a Path, on every rank.
+        """
+        directory = Path(directory)
+
+        def validate() -> None:
+            if self._ntotal == 0:
+                raise ValueError("the index is empty: nothing to save")
+            if directory.exists() and not directory.is_dir():
+                raise ValueError(f"{directory} exists and is not a directory")
+
+        self._checked("save()", str(directory), validate)
+        cache = self.local.document_cache
+        piece = (
+            self._gids.cpu(),
+            self.local.projected_corpus.detach().cpu(),
+            None if cache is None else cache.detach().cpu(),
+            self.local.first_stage_vectors(),
+            self.local.doc_ids if self._named else None,
+        )
+        pieces = self._gather_to_root(piece)
+        err: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self._assemble(pieces).save(directory)
+            except (ValueError, TypeError, OSError) as exc:
+                err = exc
+        status = self._gather_object(None if err is None else (type(err).__name__, str(err)))
+        if err is not None:
+            raise err
+        if status[0] is not None:
+            exc_type = {
+                "TypeError": TypeError,
+                "FileNotFoundError": FileNotFoundError,
+                "PermissionError": PermissionError,
+                "OSError": OSError,
+            }.get(status[0][0], ValueError)
+            raise exc_type(f"rank 0: saving {directory} failed: {status[0][1]}")
+        return directory
+
+    def _gather_to_root(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` on rank 0 (group rank 0), in rank order; [] elsewhere."""
+        if not self._distributed:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        root = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.gather_object(obj, out, dst=root, group=self.group)
+        return out or []
+
+    def _assemble(self, pieces: list[Any]) -> IMRNNIndex:
+        """One single-process index from the ranks' (gids, corpus, cache, vectors, names)."""
+        pieces = [p for p in pieces if p[0].numel() > 0]
+        gids = torch.cat([p[0] for p in pieces])
+        order = torch.argsort(gids)
+        if not torch.equal(gids[order], torch.arange(self._ntotal)):
+            raise ValueError("the shards' global ids do not cover 0 .. ntotal - 1 exactly once")
+        corpus = torch.cat([p[1] for p in pieces])[order]
+        caches = [p[2] for p in pieces]
+        cache = None if caches[0] is None else torch.cat(caches)[order]
+        vectors = np.concatenate([p[3] for p in pieces])[order.numpy()]
+        names = None
+        if pieces[0][4] is not None:
+            flat = [name for p in pieces for name in p[4]]
+            names = [flat[i] for i in order.tolist()]
+        cfg = self.local.settings()
+        if cfg.get("first_stage") == "ivf":
+            cfg["nlist"] = None  # sized for the whole corpus again
+        return IMRNNIndex.from_parts(
+            self.model, corpus, vectors, document_cache=cache, doc_ids=names, device="cpu", **cfg
+        )
+
+    def _install(self, local: IMRNNIndex, lo: int, ntotal: int, named: bool) -> None:
+        """Make ``local`` (global rows ``lo .. lo + local.ntotal - 1``) this rank's shard."""
+        self.local = local
+        self._gids = torch.arange(lo, lo + local.ntotal, dtype=torch.int64, device=local.device)
         self._ntotal = ntotal
-        self._named = names is not None
+        self._named = named
 
     # ------------------------------------------------------------------ searching
     def _validate_search(
@@ -644,22 +706,32 @@ class DistributedIMRNNIndex:
         *,
         feedback_k: int | None = None,
         encoder: str | None = None,
+        workspace_bytes: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
         """Collective top-k over the whole sharded corpus; same contract as ``IMRNNIndex.search``.
 
         Every rank passes the same queries and gets the same global (scores, ids).
+        ``workspace_bytes`` bounds this rank's exhaustive scan of its shard (as
+        ``IMRNNIndex.search``); ranks may pass different values (the results do not depend
+        on it), and a budget too small on one rank raises ``ValueError`` on every rank.
         """
         sig = _call_signature(queries, k, mode, feedback_k, encoder)
-        q, was_numpy, kf = self._checked(
-            "search()", sig, lambda: self._validate_search(queries, k, mode, feedback_k, encoder)
-        )
+
+        def validate() -> tuple[torch.Tensor, bool, int]:
+            check_workspace_bytes(workspace_bytes)
+            return self._validate_search(queries, k, mode, feedback_k, encoder)
+
+        q, was_numpy, kf = self._checked("search()", sig, validate)
         # The same query blocks as one process (per-row results of batched kernels then
         # match one process's), each cut into equal parts when query_block caps them.
         outs = []
         for lo in range(0, q.shape[0], SEARCH_CHUNK):
             block = q[lo : lo + SEARCH_CHUNK]
             parts = 1 if self.query_block is None else -(-block.shape[0] // self.query_block)
-            outs += [self._search_chunk(p, k, mode, kf) for p in block.tensor_split(parts)]
+            outs += [
+                self._search_chunk(p, k, mode, kf, workspace_bytes)
+                for p in block.tensor_split(parts)
+            ]
         scores = torch.cat([o[0] for o in outs]) if outs else torch.empty(0, k)
         ids = torch.cat([o[1] for o in outs]) if outs else torch.empty(0, k, dtype=torch.int64)
         if was_numpy:
@@ -707,7 +779,7 @@ class DistributedIMRNNIndex:
         return self._all_reduce_exact_(out)
 
     def _search_chunk(
-        self, q: torch.Tensor, k: int, mode: str, kf: int
+        self, q: torch.Tensor, k: int, mode: str, kf: int, workspace_bytes: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mirrors ``IMRNNIndex._search_chunk`` step for step, over the global corpus."""
         q = q.to(self.device)
@@ -726,10 +798,11 @@ class DistributedIMRNNIndex:
             weights = mask if weights is None else weights * mask
         if self.exchange == "rows":
             b = q.shape[0]
-            rows = self._gather_rows(self.local._corpus, safe_ids).view(b * kf, -1)
+            rows = self._gather_rows(self.local.projected_corpus, safe_ids).view(b * kf, -1)
             cache = None
-            if self.local._doc_cache is not None:
-                cache = self._gather_rows(self.local._doc_cache, safe_ids).view(b * kf, -1)
+            if self.local.document_cache is not None:
+                doc_cache = self.local.document_cache
+                cache = self._gather_rows(doc_cache, safe_ids).view(b * kf, -1)
             flat = torch.arange(b * kf, device=self.device).view(b, kf)
             tq, _, q_tilde = model.query_state(pq, rows, flat, weights, cache)
             if mode == "rerank":
@@ -739,7 +812,7 @@ class DistributedIMRNNIndex:
             if mode == "rerank":
                 scores = self._partial_scores(safe_ids, tq, q_tilde)
         if mode == "exhaustive":
-            return self._exhaustive(tq, q_tilde, k)
+            return self._exhaustive(tq, q_tilde, k, workspace_bytes)
         scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
         return _topk_by_score_then_id(scores, torch.where(valid, fs_ids, -1), k)
 
@@ -757,11 +830,12 @@ class DistributedIMRNNIndex:
         own_sum = w_own.sum(dim=1)
         rows = torch.nonzero(own_sum > 0).flatten()
         share = (own_sum[rows] / total[rows]).unsqueeze(1)
-        corpus = self.local._corpus
+        corpus = self.local.projected_corpus
         if cfg.aggregation == "mean_of_transforms":
             td = torch.zeros(b, cfg.transform_dim, device=self.device)
             if rows.numel():
-                extra = {} if self.local._doc_cache is None else {"cache": self.local._doc_cache}
+                doc_cache = self.local.document_cache
+                extra = {} if doc_cache is None else {"cache": doc_cache}
                 mean_own = K.adapter_reduce(
                     corpus,
                     lpos[rows],
@@ -791,31 +865,46 @@ class DistributedIMRNNIndex:
         owned, lpos = self._locate(ids)
         scores = torch.zeros(ids.shape, dtype=torch.float32, device=self.device)
         if self.local_ntotal > 0 and bool(owned.any()):
-            local = self.model.score_ids(self.local._corpus, lpos, tq, q_tilde)
+            local = self.model.score_ids(self.local.projected_corpus, lpos, tq, q_tilde)
             scores = torch.where(owned, local.float(), scores)
         return self._all_reduce_exact_(scores)  # one owner per slot: exact
 
     def _exhaustive(
-        self, tq: torch.Tensor, q_tilde: torch.Tensor, k: int
+        self, tq: torch.Tensor, q_tilde: torch.Tensor, k: int, workspace_bytes: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         model, cfg = self.model, self.model.config
         b = tq.shape[0]
+        s = torch.full((b, k), float("-inf"), device=self.device)
+        gi = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
+        err = None
         if self.local_ntotal > 0:
-            s, li = K.modulated_topk(
-                self.local._corpus,
-                tq,
-                model.doc_norm.weight,
-                model.doc_norm.bias,
-                q_tilde,
-                k,
-                cfg.modulation,
-                cfg.layer_norm_eps,
+            try:
+                s, li = K.modulated_topk(
+                    self.local.projected_corpus,
+                    tq,
+                    model.doc_norm.weight,
+                    model.doc_norm.bias,
+                    q_tilde,
+                    k,
+                    cfg.modulation,
+                    cfg.layer_norm_eps,
+                    workspace_bytes=workspace_bytes,
+                )
+            except ValueError as exc:  # a budget too small for this shard: fail everywhere
+                err = exc
+            else:
+                gi = torch.where(li >= 0, self._gids[li.clamp(min=0)], torch.full_like(li, -1))
+                s = s.float()
+        # Budgets may differ by rank, so only the ranks know: one int each, every call (the
+        # collectives must be the same on every rank).
+        failed = [int(f) for f in self._all_gather(torch.tensor([int(err is not None)]))]
+        if err is not None:
+            raise err
+        if any(failed):
+            raise ValueError(
+                f"rank {failed.index(1)}: the exhaustive scan of its shard failed (see that "
+                "rank's error; e.g. workspace_bytes too small)"
             )
-            gi = torch.where(li >= 0, self._gids[li.clamp(min=0)], torch.full_like(li, -1))
-            s = s.float()
-        else:
-            s = torch.full((b, k), float("-inf"), device=self.device)
-            gi = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
         all_s = torch.cat(self._all_gather(s), dim=1)
         all_i = torch.cat(self._all_gather(gi), dim=1)
         # Each shard's ids ascend with its local rows, so the shard's own ties already came
@@ -847,20 +936,13 @@ class DistributedIMRNNIndex:
 
 
 # --------------------------------------------------------------------------- helpers
-def _reconstruct(index: Any, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) of a faiss index's stored vectors as a float32 array."""
-    if hi <= lo or index is None:
-        d = 0 if index is None else index.d
-        return np.zeros((0, d), dtype=np.float32)
-    index = _index._maybe_to_cpu(index)
-    ivf = None
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except (RuntimeError, TypeError, ValueError):
-        ivf = None
-    if ivf is not None:
-        ivf.make_direct_map()
-    return np.ascontiguousarray(index.reconstruct_n(lo, hi - lo), dtype=np.float32)
+def _shard_settings(cfg: dict[str, Any], rows: int) -> dict[str, Any]:
+    """Index settings for a shard of ``rows`` documents (an IVF nlist sized for the whole
+    corpus is recomputed for the shard)."""
+    cfg = dict(cfg)
+    if cfg.get("first_stage") == "ivf" and (cfg.get("nlist") or 0) > rows:
+        cfg["nlist"] = None
+    return cfg
 
 
 def _read_manifest(directory: Path, verify: bool) -> dict[str, Any]:
@@ -1037,7 +1119,13 @@ def run_distributed_search(args: Any) -> int:
         import time
 
         t0 = time.perf_counter()
-        scores, ids = index.search(q, k=args.k, mode=args.mode, encoder=enc.fingerprint)
+        scores, ids = index.search(
+            q,
+            k=args.k,
+            mode=args.mode,
+            encoder=enc.fingerprint,
+            workspace_bytes=getattr(args, "workspace_mb", None),
+        )
         ms = (time.perf_counter() - t0) * 1e3
         names = index.doc_names(ids)
         if rank == 0:

@@ -138,10 +138,17 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def base_search(
     corpus: np.ndarray, queries: np.ndarray, k: int = RUN_DEPTH
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k of the base encoder: ((Q, k) scores, (Q, k) ids), best first."""
+    """Exact cosine top-k of the base encoder: ((Q, k) scores, (Q, k) ids), best first.
+
+    Exact ties go to the lower id (``imrnns.index.search_ties_by_lower_id``), the rule of
+    every ranking in this package: raw faiss keeps an arbitrary one of tied duplicates.
+    """
+    from imrnns.index import search_ties_by_lower_id
+
     index = faiss.IndexFlatIP(corpus.shape[1])
     index.add(_unit(corpus))
-    return index.search(_unit(queries), min(k, corpus.shape[0]))
+    kk = min(k, corpus.shape[0])
+    return search_ties_by_lower_id(index, _unit(queries), kk, corpus.shape[0])
 
 
 def imrnn_search(

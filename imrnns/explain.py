@@ -713,22 +713,10 @@ class Explainer:
         kf = index.feedback_k if feedback_k is None else feedback_k
         if isinstance(kf, bool) or not isinstance(kf, int) or kf <= 0:
             raise ValueError(f"feedback_k must be a positive int, got {kf!r}")
-        kf = min(kf, index.ntotal)
-        fs_scores, fs_ids = index.first_stage_search(q.float(), kf)
-        fs_scores, fs_ids = fs_scores.to(model.device), fs_ids.to(model.device)
-        valid = fs_ids >= 0
-        safe_ids = torch.where(valid, fs_ids, torch.zeros_like(fs_ids))
-        weights = model.feedback_weights(
-            torch.where(valid, fs_scores, torch.full_like(fs_scores, -1e4))
-        )
-        if not bool(valid.all()):
-            mask = valid.to(torch.float32)
-            weights = mask if weights is None else weights * mask
-        # The index's per-document cache (when it keeps one) makes the scores bitwise those
-        # of index.search; without it the same values are recomputed.
-        cache = getattr(index, "_doc_cache", None)
-        tq, _, q_tilde = model.query_state(pq, index.projected_corpus, safe_ids, weights, cache)
-        return tq, q_tilde
+        # The index's own query side (same code as its search), so the explained scores are
+        # bitwise those of index.search.
+        state = index.query_state(q.float(), feedback_k=kf)
+        return state.query_transform.to(pq.device), state.modulated_queries.to(pq.device)
 
     def explain(
         self,

@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import imrnns_kernels as K
@@ -37,6 +37,7 @@ from imrnns._atomic import atomic_directory, resolve_directory
 from imrnns.checkpoints import load_pretrained, save_pretrained
 from imrnns.model import IMRNN
 from imrnns_kernels import _validation as V
+from imrnns_kernels.dispatch import check_workspace_bytes
 
 FORMAT = "imrnns-index"
 FORMAT_VERSION = 1
@@ -52,6 +53,33 @@ SEARCH_CHUNK = 4096
 
 class IndexError_(ValueError):
     """An index directory is missing, truncated, tampered with, or inconsistent."""
+
+
+class QueryState(NamedTuple):
+    """The query side of a search: what :meth:`IMRNNIndex.search` scores documents with.
+
+    All torch tensors on the index's device; B queries, K = feedback_k (at most ntotal).
+
+    Attributes:
+        projected_queries: (B, m) ``p(q)``.
+        feedback_scores: (B, K) float32 first-stage scores, best first (meaningless where
+            the id is ``-1``).
+        feedback_ids: (B, K) int64 feedback set F(q), ties by lower id (``-1`` padding: IVF
+            and HNSW can return fewer than K hits).
+        feedback_weights: (B, K) weights of the feedback mean (zero on padding), or None for
+            the uniform mean over a full feedback set.
+        query_transform: (B, OUT) ``T_q``, which modulates every document.
+        document_transform: (B, OUT) ``T_bar``, the feedback set's aggregated transform.
+        modulated_queries: (B, m) ``q~``.
+    """
+
+    projected_queries: torch.Tensor
+    feedback_scores: torch.Tensor
+    feedback_ids: torch.Tensor
+    feedback_weights: torch.Tensor | None
+    query_transform: torch.Tensor
+    document_transform: torch.Tensor
+    modulated_queries: torch.Tensor
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:
@@ -308,7 +336,7 @@ class IMRNNIndex:
         else:
             space = pq.float()
         fs = np.ascontiguousarray(space.cpu().numpy(), dtype=np.float32)
-        scores, ids = _search_ties_by_lower_id(self._faiss, fs, kf, self.ntotal)
+        scores, ids = search_ties_by_lower_id(self._faiss, fs, kf, self.ntotal)
         return torch.from_numpy(scores).to(self.device), torch.from_numpy(ids).to(self.device)
 
     def _check_queries(self, queries: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -332,32 +360,28 @@ class IMRNNIndex:
         return scores, ids
 
     @torch.no_grad()
-    def search(
+    def query_state(
         self,
         queries: np.ndarray | torch.Tensor,
-        k: int = 10,
-        mode: str = "rerank",
         *,
         feedback_k: int | None = None,
         encoder: str | None = None,
-    ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
-        """Top-k documents for (B, n) base-encoder query embeddings.
+    ) -> QueryState:
+        """The query side of :meth:`search` for (B, n) base-encoder query embeddings.
+
+        The same first stage, feedback weights, ``T_q``, ``T_bar`` and ``q~`` that ``search``
+        scores with (computed by the same code, in the same blocks of ``SEARCH_CHUNK``
+        queries, so bit-identical), for explanations and inspection. Always torch tensors.
 
         Args:
             queries: (B, n) numpy array or torch tensor.
-            k: results per query. In rerank mode at most ``feedback_k`` are real; the rest
-                are padding (score ``-inf``, id ``-1``), as with k > N in exhaustive mode.
-            mode: ``"rerank"`` (score the feedback set) or ``"exhaustive"`` (score all).
-            feedback_k: override the index's feedback set size for this call.
+            feedback_k: override the index's feedback set size (capped at ``ntotal``).
             encoder: when given and the index records its encoder, they must match.
-
-        Returns:
-            (scores (B, k) float32, ids (B, k) int64), same container type as ``queries``.
         """
-        q, was_numpy, kf = check_search_args(
+        q, _, kf = check_search_args(
             queries,
-            k,
-            mode,
+            1,
+            "rerank",
             feedback_k,
             self.feedback_k,
             encoder,
@@ -365,19 +389,32 @@ class IMRNNIndex:
             self.ntotal,
             self.model.config.input_dim,
         )
-        outs = [
-            self._search_chunk(q[lo : lo + SEARCH_CHUNK], k, mode, kf)
+        parts = [
+            self._query_state_chunk(q[lo : lo + SEARCH_CHUNK], kf)
             for lo in range(0, q.shape[0], SEARCH_CHUNK)
         ]
-        scores = torch.cat([o[0] for o in outs]) if outs else torch.empty(0, k)
-        ids = torch.cat([o[1] for o in outs]) if outs else torch.empty(0, k, dtype=torch.int64)
-        if was_numpy:
-            return scores.cpu().numpy(), ids.cpu().numpy()
-        return scores, ids
+        if len(parts) == 1:
+            return parts[0]
+        weights = None
+        if any(p.feedback_weights is not None for p in parts):
+            # None is the uniform mean: as explicit weights, ones (blocks may differ).
+            weights = torch.cat(
+                [
+                    torch.ones_like(p.feedback_scores)
+                    if p.feedback_weights is None
+                    else p.feedback_weights
+                    for p in parts
+                ]
+            )
+        cat = {
+            name: torch.cat([getattr(p, name) for p in parts])
+            for name in QueryState._fields
+            if name != "feedback_weights"
+        }
+        return QueryState(feedback_weights=weights, **cat)
 
-    def _search_chunk(
-        self, q: torch.Tensor, k: int, mode: str, kf: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _query_state_chunk(self, q: torch.Tensor, kf: int) -> QueryState:
+        """:meth:`query_state` of one block of queries (the first half of a search)."""
         q = q.to(self.device)
         model = self.model
         pq = model.project(q)
@@ -392,7 +429,68 @@ class IMRNNIndex:
                 raise ValueError("the first stage returned no documents for some queries")
             mask = valid.to(torch.float32)
             weights = mask if weights is None else weights * mask
-        tq, _, q_tilde = model.query_state(pq, self._corpus, safe_ids, weights, self._doc_cache)
+        tq, td, q_tilde = model.query_state(pq, self._corpus, safe_ids, weights, self._doc_cache)
+        return QueryState(pq, fs_scores, fs_ids, weights, tq, td, q_tilde)
+
+    @torch.no_grad()
+    def search(
+        self,
+        queries: np.ndarray | torch.Tensor,
+        k: int = 10,
+        mode: str = "rerank",
+        *,
+        feedback_k: int | None = None,
+        encoder: str | None = None,
+        workspace_bytes: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
+        """Top-k documents for (B, n) base-encoder query embeddings.
+
+        Args:
+            queries: (B, n) numpy array or torch tensor.
+            k: results per query. In rerank mode at most ``feedback_k`` are real; the rest
+                are padding (score ``-inf``, id ``-1``), as with k > N in exhaustive mode.
+            mode: ``"rerank"`` (score the feedback set) or ``"exhaustive"`` (score all).
+            feedback_k: override the index's feedback set size for this call.
+            encoder: when given and the index records its encoder, they must match.
+            workspace_bytes: bound, in bytes, on the extra memory of the exhaustive scan
+                (``imrnns_kernels.modulated_topk``: chunk buffers of all worker threads,
+                top-k states, query-side tensors). The query state of each block of up to
+                ``SEARCH_CHUNK`` queries (first-stage results, feedback rows: O(B x
+                feedback_k x m)) comes on top. Ignored in rerank mode. None: the default.
+
+        Returns:
+            (scores (B, k) float32, ids (B, k) int64), same container type as ``queries``.
+        """
+        check_workspace_bytes(workspace_bytes)
+        q, was_numpy, kf = check_search_args(
+            queries,
+            k,
+            mode,
+            feedback_k,
+            self.feedback_k,
+            encoder,
+            self.encoder,
+            self.ntotal,
+            self.model.config.input_dim,
+        )
+        outs = [
+            self._search_chunk(q[lo : lo + SEARCH_CHUNK], k, mode, kf, workspace_bytes)
+            for lo in range(0, q.shape[0], SEARCH_CHUNK)
+        ]
+        scores = torch.cat([o[0] for o in outs]) if outs else torch.empty(0, k)
+        ids = torch.cat([o[1] for o in outs]) if outs else torch.empty(0, k, dtype=torch.int64)
+        if was_numpy:
+            return scores.cpu().numpy(), ids.cpu().numpy()
+        return scores, ids
+
+    def _search_chunk(
+        self, q: torch.Tensor, k: int, mode: str, kf: int, workspace_bytes: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        state = self._query_state_chunk(q, kf)
+        fs_ids, tq, q_tilde = state.feedback_ids, state.query_transform, state.modulated_queries
+        valid = fs_ids >= 0
+        safe_ids = torch.where(valid, fs_ids, torch.zeros_like(fs_ids))
         if mode == "exhaustive":
             return K.modulated_topk(
                 self._corpus,
@@ -403,6 +501,7 @@ class IMRNNIndex:
                 k,
                 model.config.modulation,
                 model.config.layer_norm_eps,
+                workspace_bytes=workspace_bytes,
             )
         scores = model.score_ids(self._corpus, safe_ids, tq, q_tilde)
         scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
@@ -462,15 +561,25 @@ class IMRNNIndex:
 
     @classmethod
     def load(
-        cls, directory: str | Path, *, device: str | torch.device | None = None, verify: bool = True
+        cls,
+        directory: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        verify: bool = True,
+        rows: tuple[int, int] | None = None,
     ) -> IMRNNIndex:
-        """Load an index written by :meth:`save`.
+        """Load an index written by :meth:`save` (or ``DistributedIMRNNIndex.save``).
 
         Args:
             directory: the index directory.
             device: where to place the corpus and model (default CPU).
             verify: check every file's size and SHA-256 against the manifest (recommended;
                 costs one read of the files).
+            rows: ``(lo, hi)``: load only documents ``lo .. hi - 1`` (a shard): the projected
+                corpus and the cache are read by slice, a flat first stage through a memory
+                map, so the other rows are never held. Ids in the result are positions in
+                the slice (0 .. hi - lo - 1). IVF/HNSW first stages are read whole once and
+                rebuilt over the slice (approximate: not equal to the saved one).
 
         Raises:
             FileNotFoundError: the directory or a file it lists is missing.
@@ -503,13 +612,15 @@ class IMRNNIndex:
                 )
         model = load_pretrained(directory / "adapter")
         cfg = dict(manifest["index"])
+        n = manifest.get("ntotal")
+        if rows is not None:
+            return cls._load_rows(directory, manifest, model, rows, device)
         index = cls(model, device=device or "cpu", **cfg)
         try:
             tensors = load_file(str(directory / "corpus.safetensors"))
         except (SafetensorError, OSError, ValueError) as exc:
             raise IndexError_(f"{directory / 'corpus.safetensors'}: unreadable ({exc})") from exc
         corpus = tensors.get("projected")
-        n = manifest.get("ntotal")
         if corpus is None or tuple(corpus.shape) != (n, model.config.working_dim):
             raise IndexError_(
                 f"{directory / 'corpus.safetensors'}: projected corpus shape "
@@ -535,8 +646,143 @@ class IMRNNIndex:
             faiss.extract_index_ivf(index._faiss).nprobe = index.nprobe
         return index
 
+    @classmethod
+    def _load_rows(
+        cls,
+        directory: Path,
+        manifest: dict[str, Any],
+        model: IMRNN,
+        rows: tuple[int, int],
+        device: str | torch.device | None,
+    ) -> IMRNNIndex:
+        """:meth:`load` of rows ``[lo, hi)`` (files already checked against the manifest)."""
+        n = int(manifest["ntotal"])
+        if (
+            not isinstance(rows, tuple | list)
+            or len(rows) != 2
+            or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
+            or not 0 <= rows[0] <= rows[1] <= n
+        ):
+            raise ValueError(f"rows must be (lo, hi) with 0 <= lo <= hi <= {n}, got {rows!r}")
+        lo, hi = int(rows[0]), int(rows[1])
+        path = directory / "corpus.safetensors"
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                keys = set(fh.keys())
+                corpus = fh.get_slice("projected")[lo:hi]
+                cache = fh.get_slice("doc_cache")[lo:hi] if "doc_cache" in keys else None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise IndexError_(f"{path}: unreadable ({exc})") from exc
+        if tuple(corpus.shape) != (hi - lo, model.config.working_dim):
+            raise IndexError_(
+                f"{path}: projected slice {tuple(corpus.shape)}, expected "
+                f"({hi - lo}, {model.config.working_dim})"
+            )
+        cfg = dict(manifest["index"])
+        flag = faiss.IO_FLAG_MMAP if cfg.get("first_stage") == "flat" else 0
+        saved = faiss.read_index(str(directory / "first_stage.faiss"), flag)
+        if saved.ntotal != n:
+            raise IndexError_(f"{directory}: first stage holds {saved.ntotal} rows, corpus {n}")
+        vectors = _reconstruct(saved, lo, hi)
+        del saved
+        names = None
+        if "doc_ids.json" in manifest.get("files", {}):
+            names = json.loads((directory / "doc_ids.json").read_text())
+            if len(names) != n:
+                raise IndexError_(f"{directory / 'doc_ids.json'}: {len(names)} ids for {n}")
+            names = names[lo:hi]
+        if cfg.get("first_stage") == "ivf" and (cfg.get("nlist") or 0) > hi - lo:
+            cfg["nlist"] = None  # the saved nlist was sized for the whole corpus
+        return cls.from_parts(
+            model,
+            corpus,
+            vectors,
+            document_cache=cache,
+            doc_ids=names,
+            device=device or "cpu",
+            **cfg,
+        )
 
-def _search_ties_by_lower_id(
+    @classmethod
+    def from_parts(
+        cls,
+        model: IMRNN,
+        projected: torch.Tensor,
+        first_stage_vectors: np.ndarray,
+        *,
+        document_cache: torch.Tensor | None = None,
+        doc_ids: list[str] | None = None,
+        **settings: Any,
+    ) -> IMRNNIndex:
+        """An index from stored pieces instead of base embeddings (shards, loads, merges).
+
+        Args:
+            model: the adapter the pieces were computed with.
+            projected: (N, m) projected documents (converted to the storage dtype).
+            first_stage_vectors: (N, d) float32 vectors of the first stage, as
+                :meth:`first_stage_vectors` returns them (a new faiss index is built).
+            document_cache: (N, width) per-document cache, as :attr:`document_cache`.
+            doc_ids: N names, or None.
+            **settings: the constructor's arguments (as :meth:`settings` returns them).
+
+        N may be 0: an empty index (a shard that holds nothing).
+        """
+        index = cls(model, **settings)
+        n = int(projected.shape[0])
+        if projected.dim() != 2 or projected.shape[1] != model.config.working_dim:
+            raise ValueError(
+                f"projected must be (N, {model.config.working_dim}), got {tuple(projected.shape)}"
+            )
+        vectors = np.ascontiguousarray(first_stage_vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != n:
+            raise ValueError(f"first_stage_vectors must be ({n}, d), got {vectors.shape}")
+        if document_cache is not None and document_cache.shape[0] != n:
+            raise ValueError(f"document_cache has {document_cache.shape[0]} rows for {n}")
+        if doc_ids is not None and len(doc_ids) != n:
+            raise ValueError(f"doc_ids has {len(doc_ids)} names for {n} documents")
+        index._corpus = projected.to(index.device, index.storage_dtype).contiguous()
+        index._doc_cache = (
+            None if document_cache is None else document_cache.to(index.device).contiguous()
+        )
+        if n > 0:
+            index._faiss = index._new_faiss(vectors.shape[1], vectors)
+            index._faiss.add(vectors)
+        index.doc_ids = None if doc_ids is None else list(doc_ids)
+        return index
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's keyword arguments that rebuild this index (as saved)."""
+        return self._index_config()
+
+    @property
+    def document_cache(self) -> torch.Tensor | None:
+        """(N, width) per-document HyperNet results kept at ``add`` time, or None."""
+        return self._doc_cache
+
+    def first_stage_vectors(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """(hi - lo, d) float32 vectors the first stage holds for documents ``lo .. hi - 1``."""
+        hi = self.ntotal if hi is None else hi
+        if not 0 <= lo <= hi <= self.ntotal:
+            raise ValueError(f"rows must satisfy 0 <= lo <= hi <= {self.ntotal}, got {lo}, {hi}")
+        return _reconstruct(self._faiss, lo, hi)
+
+
+def _reconstruct(index: Any, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of a faiss index's stored vectors as a float32 array."""
+    if hi <= lo or index is None:
+        d = 0 if index is None else index.d
+        return np.zeros((0, d), dtype=np.float32)
+    index = _maybe_to_cpu(index)
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError, ValueError):
+        ivf = None
+    if ivf is not None:
+        ivf.make_direct_map()
+    return np.ascontiguousarray(index.reconstruct_n(lo, hi - lo), dtype=np.float32)
+
+
+def search_ties_by_lower_id(
     index: Any, x: np.ndarray, k: int, ntotal: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """faiss search whose top-k breaks exact score ties by the lower id, as every ranking here.
@@ -564,6 +810,10 @@ def _search_ties_by_lower_id(
         np.ascontiguousarray(np.take_along_axis(scores, order, axis=1)),
         np.ascontiguousarray(np.take_along_axis(ids, order, axis=1)),
     )
+
+
+# The old private name (imported by other modules and tests).
+_search_ties_by_lower_id = search_ties_by_lower_id
 
 
 def _topk_by_score_then_id(

@@ -312,15 +312,60 @@ def modulated_topk(
     k: int,
     modulation: str = "diagonal",
     eps: float = 1e-5,
+    *,
+    workspace_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exhaustive top-k: ((B, k) float32 scores, (B, k) int64 ids), best first, ties by lower
-    id, padded with ``-inf`` / ``-1`` when k > N. See :func:`reference.modulated_topk`."""
+    id, padded with ``-inf`` / ``-1`` when k > N. See :func:`reference.modulated_topk`.
+
+    ``workspace_bytes``: upper bound, in bytes, on the extra memory the call allocates on top
+    of its inputs (all worker threads together: chunk buffers, converted rows, query-side
+    tensors, running top-k states, outputs). The CPU path derives its worker count and chunk
+    size from it and raises ``ValueError`` naming the minimum when even one worker with a
+    minimal chunk does not fit; the Triton path sizes its (B, chunk) score buffer from it
+    (its other device memory is O(B x m) for diagonal, O(B x m^2) for affine, plus the
+    (B, k) top-k); the reference materialises (B, N, m) and ignores it. None: each
+    backend's default (CPU: about 15% of the corpus bytes). Results do not depend on it.
+    """
     _check_scoring(corpus, transform, ln_weight, ln_bias, queries, modulation)
     V.check_k(k)
     if corpus.shape[0] == 0:
         raise ValueError(f"corpus is empty ({V.describe(corpus)})")
+    check_workspace_bytes(workspace_bytes)
     fn = _impl("modulated_topk", corpus.device, needs_grad=False)
-    return fn(corpus, transform, ln_weight, ln_bias, queries, k, modulation, eps)
+    if workspace_bytes is None:  # implementations registered without the argument still work
+        return fn(corpus, transform, ln_weight, ln_bias, queries, k, modulation, eps)
+    return fn(
+        corpus,
+        transform,
+        ln_weight,
+        ln_bias,
+        queries,
+        k,
+        modulation,
+        eps,
+        workspace_bytes=workspace_bytes,
+    )
+
+
+def check_workspace_bytes(workspace_bytes: object) -> int | None:
+    """``workspace_bytes`` as given when it is None or a positive int; else raise.
+
+    Raises:
+        TypeError: not an int (bool, float and numpy scalars are refused: a float budget is
+            usually a MiB figure passed by mistake).
+        ValueError: zero or negative.
+    """
+    if workspace_bytes is None:
+        return None
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
+        raise TypeError(
+            f"workspace_bytes must be a positive int (bytes) or None, got "
+            f"{type(workspace_bytes).__name__} {workspace_bytes!r}"
+        )
+    if workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be a positive int (bytes), got {workspace_bytes}")
+    return workspace_bytes
 
 
 _load_implementations()

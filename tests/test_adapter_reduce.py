@@ -124,27 +124,6 @@ def test_document_transforms_matches_reference(backend, modulation, m):
     assert_close(got, expected, torch.float32)
 
 
-@pytest.mark.parametrize("weighted", [False, True], ids=["uniform", "weighted"])
-def test_cached_reduce_in_worker_blocks(weighted, monkeypatch):
-    """Enough queries that the CPU gather-mean splits them into blocks over 2 workers (the
-    production path: B=256, K=100); same values as one reference gather."""
-    monkeypatch.setattr(cpu_impl, "GATHER_BLOCK_ELEMENTS", 3 * 100 * 100)  # 3 queries a block
-    m, b, k, n = 50, 23, 100, 517
-    w64 = _hypernet(m, "diagonal")
-    w32 = _cast(w64, torch.float32)
-    corpus, ids = unit_rows(n, m), _ids(b, k, n)
-    fw = _fw(b, k) if weighted else None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with K.use_backend("cpu"), torch.no_grad():
-            cache = dispatch.document_transforms(corpus, w32, "diagonal")
-            got = K.adapter_reduce(corpus, ids, w32, fw, "diagonal", cache=cache)
-    finally:
-        torch.set_num_threads(threads)
-    assert_close(got, _expected(corpus, ids, w64, fw, "diagonal", cache=cache), torch.float32)
-
-
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("modulation", MODULATIONS)
 @pytest.mark.parametrize("weighted", [False, True], ids=["uniform", "weighted"])

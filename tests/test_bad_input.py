@@ -1494,9 +1494,6 @@ def test_defined_behaviour_and_nothing_changes(name: str, workspace: Workspace) 
     assert tree_hash(workspace.root) == before
 
 
-@pytest.mark.xfail(
-    reason="data._lines reports the first line of the decoded 8 KB chunk", strict=False
-)
 def test_utf8_error_names_the_right_line(workspace: Workspace) -> None:
     """A bad byte on line 5 must be reported on line 5 (found by the suite, reported)."""
     path = workspace.beir / "corpus.jsonl"

@@ -10,6 +10,7 @@ import torch
 
 from imrnns import IMRNN, CheckpointError, IMRNNConfig
 from imrnns import checkpoints as ckpt
+from imrnns.checkpoints import load_pretrained, save_pretrained
 from tests.restate import restate_scores
 from tests.test_model import randomised
 
@@ -190,3 +191,19 @@ def test_pickled_code_is_not_executed(tmp_path):
     torch.save({"model_state": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         IMRNN.from_pretrained(tmp_path / "evil.pt")
+
+
+def test_saving_the_same_model_twice_gives_identical_bytes(tmp_path):
+    """safetensors writes its metadata map in hash order; save_pretrained sorts it."""
+    model = IMRNN(IMRNNConfig(input_dim=24, dim=16))
+    blobs = set()
+    for i in range(8):  # two metadata keys: each order about half the time before the fix
+        save_pretrained(model, tmp_path / f"ck{i}")
+        blobs.add((tmp_path / f"ck{i}" / "model.safetensors").read_bytes())
+        assert (tmp_path / f"ck{i}" / "config.json").read_bytes() == (
+            tmp_path / "ck0" / "config.json"
+        ).read_bytes()
+    assert len(blobs) == 1
+    loaded = load_pretrained(tmp_path / "ck3")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)

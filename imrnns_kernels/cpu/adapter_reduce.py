@@ -39,7 +39,6 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from imrnns_kernels.ops._scoring_common import run_workers
 from imrnns_kernels.types import HyperNetWeights
 
 # Rows of the (B, K) id table per chunk. Measured on the 2-core EPYC (diagonal, m=256,
@@ -388,38 +387,6 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# Bags per worker block of the cached gather-mean: 2^18 gathered elements (1 MB in fp32).
-GATHER_BLOCK_ELEMENTS = 1 << 18
-
-
-def _gather_mean(cache: torch.Tensor, ids: torch.Tensor, wn: torch.Tensor | None) -> torch.Tensor:
-    """``sum_k w^[b, k] cache[ids[b, k]]`` (uniform mean when ``wn`` is None), (B, D).
-
-    One ``embedding_bag`` per block of queries, blocks spread over the worker threads of
-    :func:`run_workers` when nothing needs a gradient: the gather is a random read of K rows
-    per query (25,600 rows of 2 KB for B=256, K=100, m=256), bound by memory latency, so a
-    second core nearly halves it. Under autograd it is one differentiable ``embedding_bag``.
-    """
-
-    def bag(rows: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        if w is None:
-            return F.embedding_bag(rows, cache, mode="mean")
-        return F.embedding_bag(rows, cache, per_sample_weights=w, mode="sum")
-
-    b, k = ids.shape
-    block = max(1, GATHER_BLOCK_ELEMENTS // max(k * cache.shape[1], 1))
-    if cache.device.type != "cpu" or b <= block or needs_grad(cache, wn):
-        return bag(ids, wn)
-    out = torch.empty(b, cache.shape[1], dtype=cache.dtype)
-
-    def body(_state: None, i: int) -> None:
-        q0, q1 = i * block, min(b, (i + 1) * block)
-        out[q0:q1] = bag(ids[q0:q1], None if wn is None else wn[q0:q1])
-
-    run_workers(-(-b // block), lambda: None, body)
-    return out
-
-
 def cached_reduce(
     cache: torch.Tensor,
     ids: torch.Tensor,
@@ -437,7 +404,12 @@ def cached_reduce(
     dtype = compute_dtype(weights)
     wn = normalised_weights(feedback_weights, dtype)
     if cache.dtype == dtype:
-        red = _gather_mean(cache, ids, wn)
+        # One embedding_bag: gather and reduce in one pass, parallel over bags on torch's
+        # intra-op threads (splitting it over run_workers blocks measured 2x slower).
+        if wn is None:
+            red = F.embedding_bag(ids, cache, mode="mean")
+        else:
+            red = F.embedding_bag(ids, cache, per_sample_weights=wn, mode="sum")
     else:
         # Low-precision cache: upcast per chunk so the sum accumulates in the compute dtype.
         b, k = ids.shape

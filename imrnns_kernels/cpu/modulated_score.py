@@ -2,9 +2,15 @@
 
 Same results as :func:`imrnns_kernels.reference.modulated_score`. Queries are processed in
 blocks whose gathered candidates (block x K x m) stay in cache, so each candidate row is
-read from memory once; blocks are shared among ``torch.get_num_threads()`` worker threads
-(:func:`imrnns_kernels.ops._scoring_common.run_workers`), and one epilogue over the whole
-(B, K) table of moments follows:
+read from memory once; each op of a block (gather, square, batched GEMMs) runs on torch's
+intra-op threads, and one epilogue over the whole (B, K) table of moments follows.
+
+Why intra-op threads here and Python worker threads (``run_workers``) in exhaustive search: a
+rerank block is four large ops, so four barriers per block; and the query-side ops before it
+(HyperNet, feedback gather-mean, atoms) use the intra-op threads too, which libgomp keeps
+spinning for a while after each region. Worker threads started right after them found the
+second core taken: B=256, K=100, m=256 took 9.4-10.2 ms on worker threads against 6.8-6.9 ms
+on intra-op threads (2-core EPYC, quiet, side by side).
 
 - ``diagonal``: the algebra of :mod:`imrnns_kernels.ops._scoring_common`: one batched GEMM of
   the gathered candidates by 6 atoms per query, one of their squares by 2, then the epilogue.
@@ -26,7 +32,7 @@ from imrnns_kernels.ops import _scoring_common as C
 
 # Gathered candidates per query block, in elements: 2^19 fp32 = 2 MB (plus the squares),
 # which keeps a block in L2 (2 MB per core on the EPYC CI machines) / L3 between the gather,
-# the square and the GEMMs, and gives each worker thread several blocks to balance.
+# the square and the GEMMs (2^21: 8.0-8.8 ms, 2^18: 7.3 ms, 2^19: 6.8 ms for B=256, K=100).
 BLOCK_ELEMENTS = 1 << 19
 
 
@@ -65,7 +71,7 @@ def _forward(
     convert = corpus.dtype != dtype
 
     def make_state() -> dict:
-        # Per-thread buffers, kept across calls (C.scratch): no page faults per block.
+        # Buffers kept across calls (C.scratch): no page faults per block.
         return {
             "gathered": C.scratch("score.gathered", (block * kk, m), corpus.dtype),
             "docs": C.scratch("score.docs", (block * kk, m), dtype) if convert else None,
@@ -99,7 +105,9 @@ def _forward(
             torch.bmm(quad_t[b0:b1], y.mul_(y).transpose(1, 2), out=ext)
             mom[:, 4:] = ext
 
-    C.run_workers(-(-bsz // block), make_state, body)
+    state = make_state()
+    for i in range(-(-bsz // block)):
+        body(state, i)
     ill = torch.empty(bsz, kk, dtype=torch.bool)
     scores = C.cosine_epilogue_(*moments.unbind(1), consts_all, eps, ill=ill)
     if bool(ill.any()):

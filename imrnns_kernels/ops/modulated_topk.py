@@ -45,6 +45,11 @@ from imrnns_kernels.ops.modulated_score import (
 # Bytes of (B, chunk) fp32 score buffer per chunk: bounds the extra memory on the device
 # independently of N (the running top-k is (B, k)).
 SCORE_BUFFER_BYTES = 64 << 20
+# Smallest chunk a workspace budget may impose: below it the per-chunk launches and top-k
+# merges dominate (each chunk costs two kernel launches and a (B, k) merge).
+MIN_CHUNK_ROWS = 1024
+# Peak bytes per (query, top-k slot) of the running top-k and one merge (as the CPU path's).
+TOPK_SLOT_BYTES = 256
 
 
 @triton.jit
@@ -193,6 +198,35 @@ def _diag_chunk(
     )
 
 
+def plan_chunk_rows(
+    n: int, m: int, batch: int, k: int, modulation: str, workspace_bytes: int
+) -> int:
+    """Rows per chunk that keep one call's extra device memory within ``workspace_bytes``.
+
+    Fixed: the query-side tensors (diagonal: the atoms, their transposed copies and their
+    temporaries, about 24 (B, m) fp32 tensors; affine: W' (B, m, m) plus as many), the (B, k)
+    running top-k with one merge's transients (:data:`TOPK_SLOT_BYTES` per slot) and the
+    outputs. Per chunk row: the fp32 score column (4 B per query) plus the top-k update's
+    masks and, with exact ties, a stable re-sort of the column (18 B per query).
+
+    Raises:
+        ValueError: the budget cannot hold ``min(MIN_CHUNK_ROWS, n)`` rows; names the minimum.
+    """
+    fixed = 24 * batch * m * 4 + TOPK_SLOT_BYTES * batch * k
+    if modulation == "affine":
+        fixed += batch * m * m * 4
+    row = batch * (4 + 18)
+    min_rows = max(1, min(MIN_CHUNK_ROWS, n))
+    need = fixed + min_rows * row
+    if workspace_bytes < need:
+        raise ValueError(
+            f"workspace_bytes={workspace_bytes} is too small for this search: it needs at "
+            f"least {need} bytes ({need / 2**20:.2f} MiB) for {batch} queries, m={m}, k={k}, "
+            f"{modulation} modulation, {min_rows} rows per chunk"
+        )
+    return int(min(n, (workspace_bytes - fixed) // row))
+
+
 def modulated_topk(
     corpus: torch.Tensor,
     transform: torch.Tensor,
@@ -203,19 +237,29 @@ def modulated_topk(
     modulation: str = "diagonal",
     eps: float = 1e-5,
     chunk_rows: int | None = None,
+    workspace_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exhaustive top-k of the modulated cosine (the reference's signature and results).
 
     ``chunk_rows`` (default: as many rows as fit :data:`SCORE_BUFFER_BYTES` of (B, chunk)
     scores) sets the streaming granularity; tests use small values to exercise the merge.
-    Not differentiable.
+    ``workspace_bytes`` bounds the call's extra device memory (:func:`plan_chunk_rows`): the
+    per-call (B, chunk) score buffer and the top-k's per-chunk transients are sized from what
+    the query-side tensors and the (B, k) top-k leave of it. There are no other partial
+    buffers (each tile's moments live in registers). Not differentiable.
+
+    Raises:
+        ValueError: ``workspace_bytes`` cannot hold a chunk of ``min(MIN_CHUNK_ROWS, N)`` rows.
     """
     _check_device(corpus, transform, queries)
     corpus = rows_view(corpus)
-    n = corpus.shape[0]
+    n, m = corpus.shape
     bsz = queries.shape[0]
     if chunk_rows is None:
         chunk_rows = max(1024, SCORE_BUFFER_BYTES // (4 * max(bsz, 1)))
+    if workspace_bytes is not None:
+        # A budget only ever shrinks the chunk: past SCORE_BUFFER_BYTES nothing gets faster.
+        chunk_rows = min(chunk_rows, plan_chunk_rows(n, m, bsz, k, modulation, workspace_bytes))
     chunk = int(min(n, chunk_rows))
     dev = corpus.device
     top = C.StreamingTopK(bsz, k, dev)

@@ -37,6 +37,7 @@ def modulated_topk(
     k: int,
     modulation: str = "diagonal",
     eps: float = 1e-5,
+    workspace_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k over every corpus row of the modulated cosine score.
 
@@ -49,6 +50,8 @@ def modulated_topk(
         ln_weight, ln_bias: (m,) document LayerNorm parameters.
         queries: (B, m) modulated queries.
         k: results per query; k > N pads with ``-inf`` / ``-1``.
+        workspace_bytes: accepted for the common signature and ignored: the oracle
+            materialises (B, N, m) on purpose.
 
     Returns:
         (scores (B, k) float32, ids (B, k) int64), best first, ties by lower id.
