@@ -53,11 +53,13 @@ def _check_topk(scores, ids, full, k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("modulation", MODULATIONS)
+@pytest.mark.parametrize(("modulation", "b"), [("diagonal", 3), ("diagonal", 37), ("affine", 3)])
 @pytest.mark.parametrize("m", [50, 256, 384])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference(backend, modulation, m, dtype):
-    b, n, k = 3, 1000 + 17, 10
+def test_matches_reference(backend, modulation, m, dtype, b):
+    """Diagonal: b = 3 takes Triton's two-pass row kernel (at most SMALL_BATCH queries),
+    b = 37 its tensor-core dot kernel over two query tiles (affine has one kernel)."""
+    n, k = 1000 + 17, 10
     x = scoring_inputs(b, n, m, modulation, dtype)
     with K.use_backend(backend):
         scores, ids = K.modulated_topk(x.corpus, *x[1:], k=k, modulation=modulation)
@@ -194,3 +196,24 @@ def test_bad_shapes_and_empty_corpus():
         K.modulated_topk(x.corpus[:0], *x[1:], k=3)
     with pytest.raises(ValueError, match="transform must have shape"):
         K.modulated_topk(x.corpus, *x[1:], k=3, modulation="affine")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b", [2, 9])
+def test_rows_with_a_large_common_offset(backend, b):
+    """Rows N(100, 1), near-uniform scales: the one-pass moments lose ~13 bits. The CPU path
+    recomputes the flagged pairs, Triton's dot kernel (b = 9) drops and counts them and the
+    call is redone by the two-pass row kernel (b = 2 runs it directly)."""
+    from imrnns_kernels.ops import modulated_topk as triton_topk
+
+    n, m, k = 301, 48, 20
+    g = torch.Generator().manual_seed(5)
+    x = scoring_inputs(b, n, m, "diagonal")
+    transform = torch.cat(
+        [1.0 + 0.01 * torch.randn(b, m, generator=g), 0.01 * torch.randn(b, m, generator=g)], 1
+    )
+    x = x._replace(corpus=100.0 + torch.randn(n, m, generator=g), transform=transform)
+    assert (b > triton_topk.SMALL_BATCH) == (b == 9)
+    with K.use_backend(backend):
+        scores, ids = K.modulated_topk(x.corpus, *x[1:], k=k, modulation="diagonal")
+    _check_topk(scores, ids, _all_scores(x, "diagonal"), k)

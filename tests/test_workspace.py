@@ -78,7 +78,7 @@ def test_cpu_results_identical_across_budgets(modulation, dtype, shape):
     with K.use_backend("cpu"):
         want = K.modulated_topk(x.corpus, *x[1:], k=25, modulation=modulation)
         plans = set()
-        for budget in (1 << 30, 8 * MIB, 4 * MIB, 3 * MIB + 7):
+        for budget in (1 << 30, 8 * MIB, 4 * MIB, 13 * MIB // 4 + 7):
             plan = cpu_topk.plan_workspace(
                 n, m, b, 25, modulation, x.corpus.dtype, workspace_bytes=budget
             )

@@ -113,15 +113,17 @@ def _forward(
     if bool(ill.any()):
         # Rows sharing a large common offset: redo those pairs two-pass (never on projected
         # corpora in practice, see C.ILL_CONDITIONED).
-        qi, ki = torch.nonzero(ill, as_tuple=True)
-        scores[qi, ki] = C.exact_scores(
-            corpus[ids[qi, ki].long()].to(dtype),
-            transform[qi].to(dtype),
+        C.rescore_flagged_(
+            scores,
+            ill,
+            lambda q, k: corpus[ids[q, k].long()].to(dtype),
+            transform.to(dtype),
             ln_weight,
             ln_bias,
-            C.normalized_queries(queries[qi], dtype),
+            C.normalized_queries(queries, dtype),
             modulation,
             eps,
+            block * kk,
         )
     return scores
 

@@ -59,6 +59,9 @@ QUERY_BLOCK = 64
 # plus one merge's transients (survivor lists, the (B, <=3k) concatenation, merge_topk's
 # two sorts and gathers: about 240 B), counted from StreamingTopK.add and merge_topk.
 TOPK_SLOT_BYTES = 256
+# Pairs the epilogue flags as ill-conditioned (rows sharing a large common offset; never on a
+# projected corpus in practice) are recomputed two-pass in pieces of chunk / this many pairs.
+RESCORE_PIECE_DIV = 16
 # What the allocator and the runtime add on top of the tensors counted below, measured as
 # peak RSS (VmHWM) of a first call after a warm-up (N=262144, m=256, B=32, k=100, EPYC
 # 2 vCPU, glibc 2.36): 1.8-2.8 MiB above the counted tensors at chunks of 2134-4096 rows,
@@ -92,9 +95,13 @@ def _row_bytes(qb: int, m: int, modulation: str, item: int, convert: bool) -> in
     else:
         rows += m + 6  # y, and the (chunk, 4) + (chunk, 2) moment columns of one query
     rows += qb  # the epilogue's mu^2
+    # Ill-conditioning flags: a bool mask and two comparison temporaries (and a bool one);
+    # flagged pairs are recomputed RESCORE_PIECE_DIV-th of a chunk at a time, each pair
+    # holding about 5 m-vectors (its row, y, the centred y, z, d~).
+    extra = 2 * qb * item + 2 * qb + (5 * m * item) // RESCORE_PIECE_DIV
     # Bool masks of the top-k update, and the stable re-sort of tied rows (a copy, values
     # and int64 indices): only with duplicate documents, but a bound must cover it.
-    return item * rows + 2 * qb + qb * (2 * item + 8)
+    return item * rows + 2 * qb + qb * (2 * item + 8) + extra
 
 
 def _query_bytes(qb: int, m: int, modulation: str, item: int) -> int:
@@ -241,12 +248,14 @@ def _diagonal(
     quad = atoms.quad.reshape(2 * bsz, m)
     convert = corpus.dtype != dtype
     chunk = plan.chunk
+    q_hat = C.normalized_queries(queries, dtype)
 
     def make_state() -> dict:
         return {
             "moments": torch.empty(6, bsz, chunk, dtype=dtype),
             "squares": torch.empty(chunk, m, dtype=dtype),
             "converted": torch.empty(chunk, m, dtype=dtype) if convert else None,
+            "ill": torch.empty(bsz, chunk, dtype=torch.bool),
             "top": C.StreamingTopK(bsz, k, corpus.device),
         }
 
@@ -263,10 +272,39 @@ def _diagonal(
         # (atoms x docs) layout: each moment is a contiguous (B, rows) slab, so the epilogue
         # and the top-k run on contiguous rows (the (docs x atoms) product was no faster
         # end to end: its strided epilogue and top-k cost more than the GEMM saved).
-        scores = C.cosine_epilogue_(*out.unbind(0), atoms.consts, eps)
+        scores = C.cosine_epilogue_(*out.unbind(0), atoms.consts, eps, ill=st["ill"])
+        _rescore(scores, st["ill"], d, transform, ln_weight, ln_bias, q_hat, "diagonal", eps)
         st["top"].add(scores[:, skip:], lo + skip)
 
     return _merged(C.run_workers(plan.num_chunks, make_state, body, plan.workers), k)
+
+
+def _rescore(
+    scores: torch.Tensor,
+    ill: torch.Tensor,
+    d: torch.Tensor,
+    transform: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    q_hat: torch.Tensor,
+    modulation: str,
+    eps: float,
+) -> None:
+    """Recompute the chunk's flagged (ill-conditioned) scores two-pass, in bounded pieces."""
+    if bool(ill.any()):
+        dtype = q_hat.dtype
+        C.rescore_flagged_(
+            scores,
+            ill,
+            lambda _q, c: d[c].to(dtype),
+            transform.to(dtype),
+            ln_weight,
+            ln_bias,
+            q_hat,
+            modulation,
+            eps,
+            max(1, d.shape[0] // RESCORE_PIECE_DIV),
+        )
 
 
 def _affine(
@@ -290,12 +328,14 @@ def _affine(
     sq_vecs = torch.cat([ones, prep.vecs[:, 1:2].transpose(1, 2)], dim=2).contiguous()  # (B,m,2)
     convert = corpus.dtype != dtype
     chunk = plan.chunk
+    q_hat = C.normalized_queries(queries, dtype)
 
     def make_state() -> dict:
         return {
             "y": torch.empty(chunk, m, dtype=dtype),
             "moments": torch.empty(6, bsz, chunk, dtype=dtype),
             "converted": torch.empty(chunk, m, dtype=dtype) if convert else None,
+            "ill": torch.empty(bsz, chunk, dtype=torch.bool),
             "top": C.StreamingTopK(bsz, k, corpus.device),
         }
 
@@ -312,7 +352,8 @@ def _affine(
             sq = y.mul_(y) @ sq_vecs[b]  # (rows, 2): E2, Gy2
             out[0:4, b].copy_(lin.t())
             out[4:6, b].copy_(sq.t())
-        scores = C.cosine_epilogue_(*out.unbind(0), prep.consts, eps)
+        scores = C.cosine_epilogue_(*out.unbind(0), prep.consts, eps, ill=st["ill"])
+        _rescore(scores, st["ill"], d, transform, ln_weight, ln_bias, q_hat, "affine", eps)
         st["top"].add(scores[:, skip:], lo + skip)
 
     return _merged(C.run_workers(plan.num_chunks, make_state, body, plan.workers), k)

@@ -254,13 +254,15 @@ def exact_scores(
 ) -> torch.Tensor:
     """(P,) two-pass scores of P (document, query) pairs, the reference's maths.
 
-    Args: ``rows`` (P, m) documents; ``transform`` (P, OUT) each pair's query transform;
-    ``q_hat`` (P, m) each pair's normalised modulated query; all in the compute dtype.
+    Args: ``rows`` (P, m) documents; ``transform`` (P, OUT) each pair's query transform, or
+    (1, OUT) shared by all; ``q_hat`` (P, m) or (1, m) likewise; all in the compute dtype.
     The fallback for pairs that :func:`cosine_epilogue_` flags as ill-conditioned.
     """
     m = rows.shape[1]
     if modulation == "diagonal":
         y = rows * transform[:, :m] + transform[:, m:]
+    elif transform.shape[0] == 1:
+        y = torch.addmm(transform[:, m * m :], rows, transform[0, : m * m].view(m, m).t())
     else:
         w = transform[:, : m * m].view(-1, m, m)
         y = torch.baddbmm(transform[:, m * m :, None], w, rows[:, :, None]).squeeze(2)
@@ -269,6 +271,51 @@ def exact_scores(
     dt = z * ln_weight.to(rows.dtype) + ln_bias.to(rows.dtype)
     den = torch.linalg.vector_norm(dt, dim=1).clamp_min(NORMALIZE_EPS)
     return (q_hat * dt).sum(dim=1) / den
+
+
+def rescore_flagged_(
+    scores: torch.Tensor,
+    ill: torch.Tensor,
+    rows_of: Callable[[torch.Tensor], torch.Tensor],
+    transform: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    q_hat: torch.Tensor,
+    modulation: str,
+    eps: float,
+    piece: int,
+) -> None:
+    """Overwrite the (B, n) ``scores`` flagged in ``ill`` with :func:`exact_scores`.
+
+    ``rows_of(q, c)`` returns the (P, m) documents of the pairs (query ``q[i]``, column
+    ``c[i]``) in the compute dtype; ``transform`` (B, OUT) and ``q_hat`` (B, m) are per query.
+    Pairs go ``piece`` at a time, so the extra memory is bounded by ``piece`` rows whatever
+    the number of flagged pairs.
+    """
+    qi, ci = torch.nonzero(ill, as_tuple=True)
+    piece = max(1, piece)
+    if modulation == "affine":
+        # One query at a time: a per-pair (m, m) W would cost m^2 per flagged pair.
+        for b in torch.unique(qi).tolist():
+            cols = ci[qi == b]
+            for p0 in range(0, cols.numel(), piece):
+                c = cols[p0 : p0 + piece]
+                q = torch.full_like(c, b)
+                scores[b, c] = exact_scores(
+                    rows_of(q, c),
+                    transform[b : b + 1],
+                    ln_weight,
+                    ln_bias,
+                    q_hat[b : b + 1],
+                    modulation,
+                    eps,
+                ).to(scores.dtype)
+        return
+    for p0 in range(0, qi.numel(), piece):
+        q, c = qi[p0 : p0 + piece], ci[p0 : p0 + piece]
+        scores[q, c] = exact_scores(
+            rows_of(q, c), transform[q], ln_weight, ln_bias, q_hat[q], modulation, eps
+        ).to(scores.dtype)
 
 
 # --------------------------------------------------------------------------- top-k

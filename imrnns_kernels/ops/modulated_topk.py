@@ -14,6 +14,12 @@ Kernels:
   8 ``tl.dot``s against the query atoms (6 dotted with d, 2 with d*d; see
   :mod:`imrnns_kernels.ops._scoring_common`), then applies the O(1) cosine epilogue in
   registers. Each document tile is read once per block of BLOCK_B queries.
+- :func:`_diag_rows_kernel` (``diagonal``, at most :data:`SMALL_BATCH` queries): the exact
+  two-pass score of a row tile kept in registers, looping over the queries on the CUDA
+  cores. With one query the dot kernel would pad its query tile to 16 and run 8 dots of it,
+  compute well above the cost of reading the corpus; this one stays below it. It is also
+  the exact fallback: the dot kernel drops and counts the pairs whose one-pass moments are
+  ill-conditioned, and a call with any such pair is redone with it (one host sync a call).
 - ``affine``: :func:`imrnns_kernels.ops.modulated_score._affine_scores_kernel` with
   ``GATHER=False`` (contiguous rows): y' = W' d + b' tiles folded into the six moments.
   Affine scoring costs m^2 multiply-adds per (doc, query) whatever the order of operations:
@@ -33,6 +39,7 @@ import triton.language as tl
 
 from imrnns_kernels.ops import _scoring_common as C
 from imrnns_kernels.ops.modulated_score import (
+    NORM_EPS,
     _check_device,
     _cos_epilogue,
     _pow2,
@@ -41,6 +48,11 @@ from imrnns_kernels.ops.modulated_score import (
     interpreting,
     rows_view,
 )
+
+# Queries up to which exhaustive diagonal search runs the two-pass row kernel (CUDA cores)
+# instead of the tensor-core dot kernel, whose query tile cannot be narrower than 16.
+SMALL_BATCH = 4
+ILL: tl.constexpr = tl.constexpr(C.ILL_CONDITIONED)
 
 # Bytes of (B, chunk) fp32 score buffer per chunk: bounds the extra memory on the device
 # independently of N (the running top-k is (B, k)).
@@ -60,6 +72,7 @@ def _diag_scores_kernel(
     quad_ptr,
     consts_ptr,
     out_ptr,
+    ill_ptr,
     # sizes
     n_rows,
     row_start,
@@ -79,7 +92,9 @@ def _diag_scores_kernel(
     """Scores of BLOCK_N corpus rows (from ``row_start``) for BLOCK_B queries.
 
     ``lin`` is (6, m, nq) and ``quad`` (2, m, nq), query index fastest, so that an atom's
-    (BLOCK_I, BLOCK_B) tile is one coalesced load. Writes out[b, row - row_start].
+    (BLOCK_I, BLOCK_B) tile is one coalesced load. Writes out[b, row - row_start]. Pairs whose
+    one-pass moments are ill-conditioned (:data:`C.ILL_CONDITIONED`) are written as -inf and
+    counted in ``ill_ptr[0]``: the caller then redoes the search two-pass.
     """
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -127,6 +142,10 @@ def _diag_scores_kernel(
         )
 
     c = consts_ptr + offs_b * NUM_CONSTS
+    c_cb = tl.load(c + 0, mask=mask_b, other=0.0)[None, :]
+    c_g2b2 = tl.load(c + 4, mask=mask_b, other=0.0)[None, :]
+    c_g2b = tl.load(c + 5, mask=mask_b, other=0.0)[None, :]
+    c_g2 = tl.load(c + 9, mask=mask_b, other=0.0)[None, :]
     score = _cos_epilogue(
         acc_mu,
         acc_p,
@@ -134,20 +153,90 @@ def _diag_scores_kernel(
         acc_vy,
         acc_e2,
         acc_gy2,
-        tl.load(c + 0, mask=mask_b, other=0.0)[None, :],
+        c_cb,
         tl.load(c + 1, mask=mask_b, other=0.0)[None, :],
         tl.load(c + 2, mask=mask_b, other=0.0)[None, :],
         tl.load(c + 3, mask=mask_b, other=0.0)[None, :],
-        tl.load(c + 4, mask=mask_b, other=0.0)[None, :],
-        tl.load(c + 5, mask=mask_b, other=0.0)[None, :],
+        c_g2b2,
+        c_g2b,
         tl.load(c + 6, mask=mask_b, other=0.0)[None, :],
         tl.load(c + 7, mask=mask_b, other=0.0)[None, :],
         tl.load(c + 8, mask=mask_b, other=0.0)[None, :],
-        tl.load(c + 9, mask=mask_b, other=0.0)[None, :],
+        c_g2,
         eps,
     )
+    # The flags of C.cosine_epilogue_: E2 - mu^2 and the ||d~||^2 expansion lose about
+    # log2(mu^2 / var) bits; such pairs are dropped here and the call redone two-pass.
+    mu2 = acc_mu * acc_mu
+    var_eps = tl.maximum(acc_e2 + c_cb - mu2, 0.0) + eps
+    qf = acc_gy2 + c_g2b2 - 2.0 * acc_mu * (acc_gy + c_g2b) + mu2 * c_g2
+    mask = mask_n[:, None] & mask_b[None, :]
+    ill = ((mu2 > ILL * var_eps) | (mu2 * c_g2 > ILL * qf)) & mask
+    score = tl.where(ill, float("-inf"), score)
+    tl.atomic_add(ill_ptr, tl.sum(tl.sum(ill.to(tl.int32), axis=1), axis=0))
     out_ptrs = out_ptr + offs_b[None, :].to(tl.int64) * stride_ob + offs_n[:, None]
-    tl.store(out_ptrs, score, mask=mask_n[:, None] & mask_b[None, :])
+    tl.store(out_ptrs, score, mask=mask)
+
+
+@triton.jit
+def _diag_rows_kernel(
+    # pointers
+    corpus_ptr,
+    transform_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    q_ptr,
+    out_ptr,
+    # sizes
+    n_rows,
+    row_start,
+    m,
+    nq,
+    # strides (rows; the last dims are contiguous)
+    stride_cn,
+    stride_tb,
+    stride_qb,
+    stride_ob,
+    eps,
+    # meta-parameters
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Scores of BLOCK_N contiguous corpus rows for all ``nq`` queries, two-pass.
+
+    The row tile is loaded once and kept in registers while a loop over the queries applies
+    each one's y = d * s + b, exact LayerNorm (mean, then the centred variance) and cosine:
+    about 10 FLOPs per element and query on the CUDA cores, no ``tl.dot``. For a few queries
+    that is below the cost of reading the corpus, where the dot kernel would pad the query
+    dimension to 16 (``tl.dot``'s minimum) and run 8 dots of it. It is also the exact
+    fallback when :func:`_diag_scores_kernel` flags ill-conditioned pairs.
+    """
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < n_rows
+    mask_m = offs_m < m
+    mask = mask_n[:, None] & mask_m[None, :]
+    rows = row_start + offs_n.to(tl.int64)  # int64: N * m can exceed 2^31
+    d_ptrs = corpus_ptr + rows[:, None] * stride_cn + offs_m[None, :]
+    d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(lnw_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+    beta = tl.load(lnb_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+    for b in range(nq):
+        t_row = transform_ptr + b * stride_tb
+        s = tl.load(t_row + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        shift = tl.load(t_row + m + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + b * stride_qb + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        q_hat = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=0)), NORM_EPS)
+        # Padding columns have s = shift = 0, hence y = 0, and are masked out when centred.
+        y = d * s[None, :] + shift[None, :]
+        mean = tl.sum(y, axis=1) / m
+        yc = tl.where(mask, y - mean[:, None], 0.0)
+        r = tl.rsqrt(tl.sum(yc * yc, axis=1) / m + eps)
+        dt = yc * r[:, None] * g[None, :] + beta[None, :]
+        norm = tl.maximum(tl.sqrt(tl.sum(dt * dt, axis=1)), NORM_EPS)
+        score = tl.sum(dt * q_hat[None, :], axis=1) / norm
+        tl.store(out_ptr + b * stride_ob + offs_n, score, mask=mask_n)
 
 
 def _diag_blocks(m: int, nq: int) -> tuple[int, int, int, int]:
@@ -168,6 +257,7 @@ def _diag_chunk(
     atoms_quad: torch.Tensor,
     consts: torch.Tensor,
     out: torch.Tensor,
+    ill: torch.Tensor,
     row_start: int,
     n_rows: int,
     eps: float,
@@ -182,6 +272,7 @@ def _diag_chunk(
         atoms_quad,
         consts,
         out,
+        ill,
         n_rows,
         row_start,
         m,
@@ -194,6 +285,51 @@ def _diag_chunk(
         BLOCK_N=block_n,
         BLOCK_B=block_b,
         BLOCK_I=block_i,
+        num_warps=num_warps,
+    )
+
+
+def _rows_blocks(m: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_M, num_warps) of :func:`_diag_rows_kernel`: the whole row in
+    registers (BLOCK_M = m rounded up to a power of two), 4096 fp32 tile elements per
+    (compiled) program at 4 warps; interpreted, few large programs. Not tuned on a GPU."""
+    block_m = _pow2(m, 1)
+    if interpreting():
+        return max(1, 32768 // block_m), block_m, 4
+    return max(1, 4096 // block_m), block_m, 4
+
+
+def _diag_rows_chunk(
+    corpus: torch.Tensor,
+    transform: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    queries: torch.Tensor,
+    out: torch.Tensor,
+    row_start: int,
+    n_rows: int,
+    eps: float,
+) -> None:
+    m = corpus.shape[1]
+    block_n, block_m, num_warps = _rows_blocks(m)
+    _diag_rows_kernel[(triton.cdiv(n_rows, block_n),)](
+        corpus,
+        transform,
+        ln_weight,
+        ln_bias,
+        queries,
+        out,
+        n_rows,
+        row_start,
+        m,
+        queries.shape[0],
+        corpus.stride(0),
+        transform.stride(0),
+        queries.stride(0),
+        out.stride(0),
+        eps,
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
         num_warps=num_warps,
     )
 
@@ -266,14 +402,33 @@ def modulated_topk(
     out = torch.empty(bsz, chunk, dtype=torch.float32, device=dev)
     with torch.no_grad():
         if modulation == "diagonal":
-            atoms = C.diagonal_atoms(transform, ln_weight, ln_bias, queries, torch.float32)
-            lin = atoms.lin.transpose(1, 2).contiguous()  # (6, m, B)
-            quad = atoms.quad.transpose(1, 2).contiguous()  # (2, m, B)
-            consts = atoms.consts.contiguous()
-            for start in range(0, n, chunk):
-                rows = min(chunk, n - start)
-                _diag_chunk(corpus, lin, quad, consts, out, start, rows, eps)
-                top.add(out[:, :rows], start)
+            ill = torch.zeros(1, dtype=torch.int32, device=dev)
+            exact = bsz <= SMALL_BATCH
+            if not exact:
+                atoms = C.diagonal_atoms(transform, ln_weight, ln_bias, queries, torch.float32)
+                lin = atoms.lin.transpose(1, 2).contiguous()  # (6, m, B)
+                quad = atoms.quad.transpose(1, 2).contiguous()  # (2, m, B)
+                consts = atoms.consts.contiguous()
+                for start in range(0, n, chunk):
+                    rows = min(chunk, n - start)
+                    _diag_chunk(corpus, lin, quad, consts, out, ill, start, rows, eps)
+                    top.add(out[:, :rows], start)
+                # One host sync per call: any flagged pair sends the whole search down the
+                # exact path (never seen on a projected corpus; see C.ILL_CONDITIONED).
+                exact = bool(ill.item() > 0)
+                if exact:
+                    top = C.StreamingTopK(bsz, k, dev)
+            if exact:
+                args = (
+                    transform.float().contiguous(),
+                    ln_weight.float().contiguous(),
+                    ln_bias.float().contiguous(),
+                    queries.float().contiguous(),
+                )
+                for start in range(0, n, chunk):
+                    rows = min(chunk, n - start)
+                    _diag_rows_chunk(corpus, *args, out, start, rows, eps)
+                    top.add(out[:, :rows], start)
         else:
             prep = C.affine_prep(transform, ln_weight, ln_bias, queries, torch.float32)
             for start in range(0, n, chunk):
