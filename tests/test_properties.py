@@ -52,21 +52,14 @@ PROPERTY = settings(
 )
 
 
-# Known failures, reported, marked rather than skipped so they stay visible:
-# - the CPU affine modulated_topk can score identical rows differently by their position
-#   (m = 5: 166 tie inversions among 64 rows made of 4 distinct ones; none at m = 48, 256),
-#   so duplicates do not always come lower id first.
-# (Fixed: the diagonal one-pass moments cancelled for rows sharing a large common offset;
-# such pairs are now flagged and recomputed two-pass on every path.)
-DUPES_BUG = pytest.mark.xfail(
-    reason="CPU affine top-k scores identical rows differently at small m (reported)",
-    strict=False,
-)
+# Known failures are marked xfail (never skipped) so they stay visible; none at present.
+# Fixed: the diagonal one-pass moments cancelled for rows sharing a large common offset (such
+# pairs are now flagged and recomputed two-pass on every path), and the CPU top-k scored
+# identical rows 1 ulp apart at small m (affine m = 5: 166 tie inversions among 64 rows made
+# of 4 distinct ones; diagonal m = 12 too; it now computes in float64 up to m = 32).
 NO_KNOWN_FAILURES: dict[tuple[str, str], Any] = {}
 SCORE_KNOWN: dict[tuple[str, str], Any] = {}
-TOPK_KNOWN = {
-    ("cpu", "dupes"): DUPES_BUG,
-}
+TOPK_KNOWN: dict[tuple[str, str], Any] = {}
 
 
 def combos(known: dict[tuple[str, str], Any] = NO_KNOWN_FAILURES) -> list[Any]:

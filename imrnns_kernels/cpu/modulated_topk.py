@@ -59,6 +59,8 @@ QUERY_BLOCK = 64
 # plus one merge's transients (survivor lists, the (B, <=3k) concatenation, merge_topk's
 # two sorts and gathers: about 240 B), counted from StreamingTopK.add and merge_topk.
 TOPK_SLOT_BYTES = 256
+# Search at m up to this computes in float64 (see modulated_topk).
+FP64_MAX_M = 32
 # Pairs the epilogue flags as ill-conditioned (rows sharing a large common offset; never on a
 # projected corpus in practice) are recomputed two-pass in pieces of chunk / this many pairs.
 RESCORE_PIECE_DIV = 16
@@ -387,6 +389,12 @@ def modulated_topk(
     dtype = C.compute_dtype(transform)
     n, m = corpus.shape
     bsz = queries.shape[0]
+    if m <= FP64_MAX_M:
+        # MKL rounds the rows of a small-m GEMM differently by position (affine m = 5,
+        # diagonal m = 12: identical rows scored 1 ulp apart, so duplicates did not come
+        # lower id first). In float64 identical rows round to the same float32 score; at
+        # such m the GEMMs are cheap either way.
+        dtype = torch.float64
     plan = plan_workspace(n, m, bsz, k, modulation, corpus.dtype, dtype, workspace_bytes)
     run = _diagonal if modulation == "diagonal" else _affine
     scores, ids = [], []

@@ -380,6 +380,9 @@ class StreamingTopK:
 
     def add(self, chunk_scores: torch.Tensor, offset: int) -> None:
         """Merge columns ``offset ..`` (higher than every column added before)."""
+        # Select on the float32 values that are returned: float64 scores of identical rows
+        # can differ in their last bits and would then not tie (and go lower id first).
+        chunk_scores = chunk_scores.float()
         # Only scores strictly above the current k-th best can enter: an equal score loses the
         # tie to the lower id already held. After the first chunks almost nothing passes
         # (about k ln(N/k) survivors per query over a whole scan), so a compare and a nonzero
