@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 LOSSES = ("ce", "mnrl", "margin", "improvement")
-SELECTIONS = ("mean", "unseen", "seen", "overall")
+SELECTIONS = ("mean", "unseen", "seen", "overall", "overall_if_unseen")
 PROJECTOR_INITS = ("auto", "identity", "pca", "random")
 FREEZABLE = ("projector", "query_hypernet", "doc_hypernet", "query_norm", "doc_norm")
 STATE_NAME = "trainer_state.pt"
@@ -134,10 +134,18 @@ class TrainConfig:
         epochs, batch_size, lr, weight_decay: AdamW.
         warmup: fraction of all steps with a linear warm-up (then linear decay to 0).
         max_grad_norm: gradient clipping (0 disables).
+        ema_decay: keep an exponential moving average of the weights,
+            ``ema = d * ema + (1 - d) * w`` after every optimiser step with
+            ``d = min(ema_decay, (1 + t) / (10 + t))`` at step ``t`` (the usual warm-up so that
+            early averages are not dominated by the initial weights). Validation, selection
+            and ``best/`` then use the averaged weights; ``last/`` keeps both. 0 disables.
     Selection:
         val_fraction: fraction of training queries held out for validation.
         selection: ``"mean"`` (mean of seen-doc and unseen-doc validation nDCG@10),
-            ``"unseen"``, ``"seen"`` or ``"overall"``.
+            ``"unseen"``, ``"seen"``, ``"overall"``, or ``"overall_if_unseen"``: overall
+            nDCG@10 among the epochs whose unseen-doc validation nDCG@10 is at least the base
+            encoder's (an epoch below it scores ``unseen - base - 1``, so it is only chosen
+            when no epoch qualifies, and then the one closest to the base level).
         patience: epochs without improvement before stopping (0: never stop early).
         seed: everything random (initialisation, validation split, batches, negatives).
 
@@ -175,6 +183,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1
     max_grad_norm: float = 1.0
+    ema_decay: float = 0.0
     val_fraction: float = 0.15
     selection: str = "mean"
     patience: int = 6
@@ -202,6 +211,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         for name in ("temperature", "lr", "distill_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -684,11 +695,21 @@ def validate(model: IMRNN, data: TrainingData, feedback_k: int) -> dict[str, flo
     return _metrics_dict(data, scores, ids)
 
 
-def _selection_value(metrics: Mapping[str, float | None], selection: str) -> float:
+def _selection_value(
+    metrics: Mapping[str, float | None],
+    selection: str,
+    base: Mapping[str, float | None] | None = None,
+) -> float:
     overall = float(metrics["overall_nDCG@10"])  # type: ignore[arg-type]
     seen, unseen = metrics["seen_doc_nDCG@10"], metrics["unseen_doc_nDCG@10"]
     if selection == "overall":
         return overall
+    if selection == "overall_if_unseen":
+        floor = None if base is None else base.get("unseen_doc_nDCG@10")
+        if unseen is None or floor is None:
+            return overall
+        # Qualifying epochs score in [0, 1]; the others below -1, closest to the floor first.
+        return overall if unseen >= floor else float(unseen) - float(floor) - 1.0
     if selection == "seen":
         return overall if seen is None else float(seen)
     if selection == "unseen":
@@ -742,6 +763,24 @@ def _init_projector(model: IMRNN, corpus: torch.Tensor, how: str) -> None:
         top = top * signs
         model.projector.weight.copy_(top.float())
         model.projector.bias.copy_(-(top @ mean).float())
+
+
+def _ema_copy(model: IMRNN) -> IMRNN:
+    ema = IMRNN(model.config)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    return ema.eval()
+
+
+def _ema_update(ema: IMRNN, model: IMRNN, decay: float, step: int) -> None:
+    """``ema = d * ema + (1 - d) * model`` with the warm-up ``d = min(decay, (1+t)/(10+t))``."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+            if e.is_floating_point():
+                e.mul_(d).add_(p, alpha=1.0 - d)
+            else:
+                e.copy_(p)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -837,6 +876,9 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, round(config.warmup * total_steps))
     )
+    # The weight average (TrainConfig.ema_decay): a copy of the model that validation,
+    # selection and best/ use; its parameters follow the trained ones after every step.
+    ema = _ema_copy(model) if config.ema_decay > 0 else None
     has_val = bool(data.val.ids)
     base_val = base_validation(data) if has_val else {}
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
@@ -854,6 +896,7 @@ def train(
         "finished": False,
         "train_seconds": 0.0,
         "last_epoch": last_epoch,
+        "step": 0,
     }
     resumed_from = None
     loaded = _load_last(out) if resume else None
@@ -873,9 +916,12 @@ def train(
                 "out_dir or resume=False"
             )
         model.load_state_dict(last_model.state_dict())
+        if ema is not None:
+            ema.load_state_dict(last_state["ema"])
         optimizer.load_state_dict(last_state["optimizer"])
         scheduler.load_state_dict(last_state["scheduler"])
-        state.update({k: v for k, v in last_state.items() if k not in ("optimizer", "scheduler")})
+        state.update({k: v for k, v in last_state.items()
+                      if k not in ("optimizer", "scheduler", "ema")})  # fmt: skip
         resumed_from = int(state["epoch"])
 
     corpus_unit = torch.nn.functional.normalize(data.corpus, dim=1)
@@ -883,12 +929,14 @@ def train(
         # Epoch 0: the untrained adapter (the identity-initialised model), the reference
         # every later epoch must beat to be selected.
         metrics = validate(model, data, config.feedback_k) if has_val else None
-        value = _selection_value(metrics, config.selection) if metrics else 0.0
+        value = _selection_value(metrics, config.selection, base_val) if metrics else 0.0
         state["history"].append({"epoch": 0, "loss": None, "validation": metrics,
                                  "selection_value": value if has_val else None,
                                  "seconds": 0.0})  # fmt: skip
         state["best_value"], state["best_epoch"] = value, 0
         save_pretrained(model, out / "best")
+    if "step" not in state:  # runs saved before the weight average counted steps
+        state["step"] = state["epoch"] * steps_per_epoch
 
     # Multi-threaded CPU scatter-adds (the backward of corpus[ids]) sum in a varying order:
     # with 2 threads two SciFact runs differed by 5e-6 after 2 epochs and by 0.05 in weights
@@ -922,14 +970,20 @@ def train(
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
+                if ema is not None:
+                    _ema_update(ema, model, config.ema_decay, state["step"])
+                state["step"] += 1
                 losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}",
                                 val_ndcg=_fmt(state["history"][-1]["validation"]))  # fmt: skip
             model.eval()
-            metrics = validate(model, data, config.feedback_k) if has_val else None
+            chosen = model if ema is None else ema
+            metrics = validate(chosen, data, config.feedback_k) if has_val else None
             # Without validation every epoch "improves": best/ is the last epoch.
-            value = _selection_value(metrics, config.selection) if metrics else float(epoch)
+            value = (
+                _selection_value(metrics, config.selection, base_val) if metrics else float(epoch)
+            )
             seconds = time.perf_counter() - t0
             record = {"epoch": epoch, "loss": float(np.mean(losses)), "validation": metrics,
                       "selection_value": value if has_val else None,
@@ -939,7 +993,7 @@ def train(
             improved = value > state["best_value"]
             if improved:
                 state["best_value"], state["best_epoch"], state["bad_epochs"] = value, epoch, 0
-                save_pretrained(model, out / "best")
+                save_pretrained(chosen, out / "best")
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch
@@ -948,8 +1002,9 @@ def train(
             if epoch >= last_epoch:
                 state["finished"] = True
             bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}", val_ndcg=_fmt(metrics))
+            extra = {} if ema is None else {"ema": ema.state_dict()}
             _save_last(out, model, {**state, "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict()})  # fmt: skip
+                                    "scheduler": scheduler.state_dict(), **extra})  # fmt: skip
             summary = _summary(state, data, base_val, out, resumed_from)
             _write_summary(out, summary)
             if callback is not None:
@@ -1002,6 +1057,7 @@ def train_from_beir(
     resume: bool = True,
     progress: bool = True,
     refit: bool = False,
+    refit_epochs: int | None = None,
     embedded: EmbeddedSplit | None = None,
     show_progress: bool | None = None,
     **overrides: Any,
@@ -1021,6 +1077,9 @@ def train_from_beir(
         refit: after the validated run, train again on *all* queries of the split (no
             holdout) for the number of epochs validation selected, into ``out_dir/refit``
             (its ``best/`` is the refit adapter). Nothing is selected on the refit itself.
+        refit_epochs: refit for this many epochs instead (implies ``refit``): an epoch count
+            chosen on validation outside this run, e.g. by cross-validation over several
+            validation slices. The schedule still spans ``config.epochs``.
         embedded: precomputed embeddings of the split (skips the encoder).
 
     Returns:
@@ -1029,6 +1088,10 @@ def train_from_beir(
     """
     if show_progress is not None:
         progress = show_progress
+    if refit_epochs is not None:
+        if isinstance(refit_epochs, bool) or not isinstance(refit_epochs, int) or refit_epochs <= 0:
+            raise ValueError(f"refit_epochs must be a positive int or None, got {refit_epochs!r}")
+        refit = True
     config = config or TrainConfig()
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - known)
@@ -1047,10 +1110,11 @@ def train_from_beir(
                   encoder=embedded.encoder)  # fmt: skip
     if refit:
         result["refit"] = None
-        if result["best_epoch"] > 0:
+        epochs = result["best_epoch"] if refit_epochs is None else refit_epochs
+        if epochs > 0:
             all_data = prepare_training_data(embedded, config, holdout=False)
             result["refit"] = train(all_data, Path(out_dir) / "refit", config, resume=resume,
-                                    progress=progress, stop_after=result["best_epoch"])  # fmt: skip
+                                    progress=progress, stop_after=epochs)  # fmt: skip
     return result
 
 
@@ -1084,12 +1148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="TrainConfig overrides, e.g. modulation=affine dim=64")  # fmt: skip
     parser.add_argument("--refit", action="store_true", help="refit on all queries afterwards")
+    parser.add_argument("--refit-epochs", type=int, default=None, metavar="N",
+                        help="refit for N epochs instead of the selected epoch (implies --refit)")  # fmt: skip
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     result = train_from_beir(
         args.data, args.out, split=args.split, encoder=args.encoder, cache_dir=args.cache,
         resume=not args.no_resume, progress=not args.no_progress, refit=args.refit,
+        refit_epochs=args.refit_epochs,
         **_parse_overrides(args.set),
     )  # fmt: skip
     print(json.dumps(_jsonable(result), indent=2, sort_keys=True))

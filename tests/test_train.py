@@ -113,6 +113,8 @@ def small_split() -> EmbeddedSplit:
         ("warmup", 1.0, "warmup"),
         ("freeze", "projector,encoder", "freeze must name"),
         ("cited_negatives", 64, "cited_negatives"),
+        ("ema_decay", 1.0, "ema_decay"),
+        ("ema_decay", -0.1, "ema_decay"),
         ("modulation", "full", "modulation"),
     ],
 )
@@ -322,10 +324,11 @@ def test_same_seed_same_checkpoint_with_two_threads(tmp_path: Path) -> None:
     assert not torch.are_deterministic_algorithms_enabled()  # restored after training
 
 
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
 def test_resume_after_interruption_matches_an_uninterrupted_run(
-    tmp_path: Path, small_split: EmbeddedSplit
+    tmp_path: Path, small_split: EmbeddedSplit, ema_decay: float
 ) -> None:
-    cfg = dataclasses.replace(SMALL, epochs=4)
+    cfg = dataclasses.replace(SMALL, epochs=4, ema_decay=ema_decay)
     data = prepare_training_data(small_split, cfg)
     full = train(data, tmp_path / "full", cfg, progress=False)
 
@@ -352,6 +355,46 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
     # A finished run is not trained again.
     again = train(data, tmp_path / "run", cfg, progress=False)
     assert again["resumed_from_epoch"] == 4 and again["history"] == resumed["history"]
+
+
+def test_weight_average_is_what_best_holds(tmp_path: Path, small_split: EmbeddedSplit) -> None:
+    """With ``ema_decay`` validation and ``best/`` use the running average of the weights;
+    the raw trajectory (losses, ``last/model``) is the same as without it."""
+    cfg = dataclasses.replace(SMALL, epochs=3, ema_decay=0.9, selection="overall")
+    data = prepare_training_data(small_split, cfg)
+    plain = train(data, tmp_path / "plain", dataclasses.replace(cfg, ema_decay=0.0),
+                  progress=False)  # fmt: skip
+    avg = train(data, tmp_path / "ema", cfg, progress=False)
+    # The raw trajectory does not depend on the average: same losses, same last weights.
+    assert [h["loss"] for h in avg["history"]] == [h["loss"] for h in plain["history"]]
+    raw_a, raw_b = _weights(tmp_path / "plain/last/model"), _weights(tmp_path / "ema/last/model")
+    assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
+    state = torch.load(tmp_path / "ema/last/trainer_state.pt", weights_only=True)
+    assert state["step"] == 3 * math.ceil(len(data.train.ids) / cfg.batch_size)
+    if avg["best_epoch"] == 3:
+        best = _weights(tmp_path / "ema/best")
+        assert all(torch.equal(best[k], state["ema"][k]) for k in best)
+    # The average differs from the raw weights after training.
+    assert any(not torch.equal(raw_b[k], state["ema"][k]) for k in raw_b)
+
+
+def test_overall_if_unseen_selection_prefers_epochs_at_base_unseen_level() -> None:
+    from imrnns.train import _selection_value
+
+    base = {"overall_nDCG@10": 0.6, "seen_doc_nDCG@10": 0.6, "unseen_doc_nDCG@10": 0.6}
+
+    def m(overall: float, unseen: float | None) -> dict:
+        return {"overall_nDCG@10": overall, "seen_doc_nDCG@10": 0.7, "unseen_doc_nDCG@10": unseen}
+
+    ok = _selection_value(m(0.70, 0.61), "overall_if_unseen", base)
+    better = _selection_value(m(0.75, 0.60), "overall_if_unseen", base)
+    below = _selection_value(m(0.90, 0.59), "overall_if_unseen", base)
+    further = _selection_value(m(0.95, 0.50), "overall_if_unseen", base)
+    assert better > ok > below > further
+    assert below == pytest.approx(0.59 - 0.6 - 1.0)
+    # Without an unseen-doc subset (or a base to compare with) it is the overall nDCG.
+    assert _selection_value(m(0.7, None), "overall_if_unseen", base) == 0.7
+    assert _selection_value(m(0.7, 0.5), "overall_if_unseen", None) == 0.7
 
 
 def test_resume_refuses_another_config(tmp_path: Path, small_split: EmbeddedSplit) -> None:
@@ -381,6 +424,18 @@ def test_refit_on_all_queries_stops_at_the_selected_epoch(
     assert all(h["validation"] is None for h in refit["history"])
     json.loads((tmp_path / "out/refit/training.json").read_text(), parse_constant=_no_nan)
     IMRNN.from_pretrained(refit["checkpoint"])
+
+
+def test_refit_epochs_overrides_the_selected_epoch(
+    tmp_path: Path, small_split: EmbeddedSplit
+) -> None:
+    result = train_from_beir(tmp_path / "unused", tmp_path / "out", config=SMALL, refit_epochs=2,
+                             embedded=small_split, progress=False)  # fmt: skip
+    assert result["refit"]["epochs_completed"] == 2
+    assert result["refit"]["data"]["num_val_queries"] == 0
+    with pytest.raises(ValueError, match="refit_epochs"):
+        train_from_beir(tmp_path / "unused", tmp_path / "bad", config=SMALL, refit_epochs=0,
+                        embedded=small_split, progress=False)  # fmt: skip
 
 
 @pytest.mark.parametrize("modulation", ["diagonal", "affine"])
