@@ -191,8 +191,10 @@ def _has_streaming_cpu_topk() -> bool:
 def test_exhaustive_search_stays_within_budget(benchmark, what, modulation, budget_mb):
     # affine scoring costs m^2 per (document, query): m = 64 keeps a pass to seconds here
     dim = DIM if modulation == "diagonal" else min(DIM, AFFINE_DIM)
+    # ... and twice the rows, so that its corpus (128 MiB) stays larger than every budget
+    rows = ROWS if modulation == "diagonal" else 2 * ROWS
     budget = mib(budget_mb)
-    res = measure(what, modulation, budget, dim)
+    res = measure(what, modulation, budget, dim, rows)
     assert res["ids_ok"]
     assert res["corpus_bytes"] > budget, "the corpus must be larger than the budget"
     allowed = budget + res["query_state_extra"]
