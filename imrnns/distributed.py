@@ -82,6 +82,7 @@ from imrnns.index import (
     _as_tensor,
     _topk_by_score_then_id,
     check_search_args,
+    feedback_set,
 )
 from imrnns.model import IMRNN
 from imrnns_kernels import _validation as V
@@ -786,16 +787,7 @@ class DistributedIMRNNIndex:
         model = self.model
         pq = model.project(q)
         fs_scores, fs_ids = self._global_first_stage(q, pq, kf)
-        valid = fs_ids >= 0
-        safe_ids = torch.where(valid, fs_ids, torch.zeros_like(fs_ids))
-        weights = model.feedback_weights(
-            torch.where(valid, fs_scores, torch.full_like(fs_scores, -1e4))
-        )
-        if not bool(valid.all()):
-            if not bool(valid.any(dim=1).all()):
-                raise ValueError("the first stage returned no documents for some queries")
-            mask = valid.to(torch.float32)
-            weights = mask if weights is None else weights * mask
+        valid, safe_ids, weights = feedback_set(model, fs_scores, fs_ids)
         if self.exchange == "rows":
             b = q.shape[0]
             rows = self._gather_rows(self.local.projected_corpus, safe_ids).view(b * kf, -1)

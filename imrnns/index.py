@@ -419,16 +419,7 @@ class IMRNNIndex:
         model = self.model
         pq = model.project(q)
         fs_scores, fs_ids = self._first_stage(q, pq, kf)
-        valid = fs_ids >= 0  # IVF/HNSW can return fewer than kf hits: faiss pads with -1
-        safe_ids = torch.where(valid, fs_ids, torch.zeros_like(fs_ids))
-        weights = model.feedback_weights(
-            torch.where(valid, fs_scores, torch.full_like(fs_scores, -1e4))
-        )
-        if not bool(valid.all()):
-            if not bool(valid.any(dim=1).all()):
-                raise ValueError("the first stage returned no documents for some queries")
-            mask = valid.to(torch.float32)
-            weights = mask if weights is None else weights * mask
+        _, safe_ids, weights = feedback_set(model, fs_scores, fs_ids)
         tq, td, q_tilde = model.query_state(pq, self._corpus, safe_ids, weights, self._doc_cache)
         return QueryState(pq, fs_scores, fs_ids, weights, tq, td, q_tilde)
 
@@ -780,6 +771,30 @@ def _reconstruct(index: Any, lo: int, hi: int) -> np.ndarray:
     if ivf is not None:
         ivf.make_direct_map()
     return np.ascontiguousarray(index.reconstruct_n(lo, hi - lo), dtype=np.float32)
+
+
+def feedback_set(
+    model: IMRNN, fs_scores: torch.Tensor, fs_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(valid (B, K) bool, ids with padding replaced by 0, feedback weights or None).
+
+    IVF/HNSW first stages can return fewer than K hits (faiss pads with id -1): padded slots
+    get weight 0 (or the model's weights masked), so the feedback mean ignores them.
+
+    Raises:
+        ValueError: some query got no document at all.
+    """
+    valid = fs_ids >= 0
+    safe_ids = torch.where(valid, fs_ids, torch.zeros_like(fs_ids))
+    weights = model.feedback_weights(
+        torch.where(valid, fs_scores, torch.full_like(fs_scores, -1e4))
+    )
+    if not bool(valid.all()):
+        if not bool(valid.any(dim=1).all()):
+            raise ValueError("the first stage returned no documents for some queries")
+        mask = valid.to(torch.float32)
+        weights = mask if weights is None else weights * mask
+    return valid, safe_ids, weights
 
 
 def search_ties_by_lower_id(

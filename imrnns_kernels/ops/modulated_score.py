@@ -110,6 +110,20 @@ def _cos_epilogue(
     return num * tl.rsqrt(tl.maximum(den, NORM_EPS * NORM_EPS))
 
 
+@triton.jit
+def _two_pass_cosine(d, mask, s, shift, g, beta, q_hat, m, eps):
+    """Scores of a (rows, BLOCK_M) tile for one query, LayerNorm in the exact two-pass form:
+    y = d * s + shift, its mean, then the variance of the centred values. Padding columns
+    (``mask`` false) have s = shift = 0, hence y = 0, and are masked out when centred."""
+    y = d * s[None, :] + shift[None, :]
+    mean = tl.sum(y, axis=1) / m
+    yc = tl.where(mask, y - mean[:, None], 0.0)
+    r = tl.rsqrt(tl.sum(yc * yc, axis=1) / m + eps)
+    dt = yc * r[:, None] * g[None, :] + beta[None, :]
+    norm = tl.maximum(tl.sqrt(tl.sum(dt * dt, axis=1)), NORM_EPS)
+    return tl.sum(dt * q_hat[None, :], axis=1) / norm
+
+
 # --------------------------------------------------------------------------- forward kernels
 
 
@@ -158,14 +172,7 @@ def _score_fwd_diag_kernel(
     q = tl.load(q_ptr + pid_b * stride_qb + offs_m, mask=mask_m, other=0.0).to(tl.float32)
     q_hat = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=0)), NORM_EPS)
 
-    # Padding columns have s = b = 0, hence y = 0, and are masked out of the centred values.
-    y = d * s[None, :] + b[None, :]
-    mean = tl.sum(y, axis=1) / m
-    yc = tl.where(mask, y - mean[:, None], 0.0)
-    r = tl.rsqrt(tl.sum(yc * yc, axis=1) / m + eps)
-    dt = yc * r[:, None] * g[None, :] + beta[None, :]
-    norm = tl.maximum(tl.sqrt(tl.sum(dt * dt, axis=1)), NORM_EPS)
-    score = tl.sum(dt * q_hat[None, :], axis=1) / norm
+    score = _two_pass_cosine(d, mask, s, b, g, beta, q_hat, m, eps)
     tl.store(out_ptr + pid_b * stride_ob + offs_k, score, mask=mask_k)
 
 

@@ -43,6 +43,7 @@ from imrnns_kernels.ops.modulated_score import (
     _check_device,
     _cos_epilogue,
     _pow2,
+    _two_pass_cosine,
     affine_launch,
     dot_precision,
     interpreting,
@@ -228,14 +229,7 @@ def _diag_rows_kernel(
         shift = tl.load(t_row + m + offs_m, mask=mask_m, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + b * stride_qb + offs_m, mask=mask_m, other=0.0).to(tl.float32)
         q_hat = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=0)), NORM_EPS)
-        # Padding columns have s = shift = 0, hence y = 0, and are masked out when centred.
-        y = d * s[None, :] + shift[None, :]
-        mean = tl.sum(y, axis=1) / m
-        yc = tl.where(mask, y - mean[:, None], 0.0)
-        r = tl.rsqrt(tl.sum(yc * yc, axis=1) / m + eps)
-        dt = yc * r[:, None] * g[None, :] + beta[None, :]
-        norm = tl.maximum(tl.sqrt(tl.sum(dt * dt, axis=1)), NORM_EPS)
-        score = tl.sum(dt * q_hat[None, :], axis=1) / norm
+        score = _two_pass_cosine(d, mask, s, shift, g, beta, q_hat, m, eps)
         tl.store(out_ptr + b * stride_ob + offs_n, score, mask=mask_n)
 
 
