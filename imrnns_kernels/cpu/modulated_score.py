@@ -111,8 +111,8 @@ def _forward(
     for i in range(-(-bsz // block)):
         body(state, i)
     ill = torch.empty(bsz, kk, dtype=torch.bool)
-    scores = C.cosine_epilogue_(*moments.unbind(1), consts_all, eps, ill=ill)
-    if bool(ill.any()):
+    scores, flagged = C.cosine_epilogue_flagged_(*moments.unbind(1), consts_all, eps, ill=ill)
+    if flagged:
         # Rows sharing a large common offset: redo those pairs two-pass (never on projected
         # corpora in practice, see C.ILL_CONDITIONED).
         C.rescore_flagged_(

@@ -274,8 +274,11 @@ def _diagonal(
         # (atoms x docs) layout: each moment is a contiguous (B, rows) slab, so the epilogue
         # and the top-k run on contiguous rows (the (docs x atoms) product was no faster
         # end to end: its strided epilogue and top-k cost more than the GEMM saved).
-        scores = C.cosine_epilogue_(*out.unbind(0), atoms.consts, eps, ill=st["ill"])
-        _rescore(scores, st["ill"], d, transform, ln_weight, ln_bias, q_hat, "diagonal", eps)
+        scores, flagged = C.cosine_epilogue_flagged_(
+            *out.unbind(0), atoms.consts, eps, ill=st["ill"]
+        )
+        if flagged:
+            _rescore(scores, st["ill"], d, transform, ln_weight, ln_bias, q_hat, "diagonal", eps)
         st["top"].add(scores[:, skip:], lo + skip)
 
     return _merged(C.run_workers(plan.num_chunks, make_state, body, plan.workers), k)
@@ -293,20 +296,19 @@ def _rescore(
     eps: float,
 ) -> None:
     """Recompute the chunk's flagged (ill-conditioned) scores two-pass, in bounded pieces."""
-    if bool(ill.any()):
-        dtype = q_hat.dtype
-        C.rescore_flagged_(
-            scores,
-            ill,
-            lambda _q, c: d[c].to(dtype),
-            transform.to(dtype),
-            ln_weight,
-            ln_bias,
-            q_hat,
-            modulation,
-            eps,
-            max(1, d.shape[0] // RESCORE_PIECE_DIV),
-        )
+    dtype = q_hat.dtype
+    C.rescore_flagged_(
+        scores,
+        ill,
+        lambda _q, c: d[c].to(dtype),
+        transform.to(dtype),
+        ln_weight,
+        ln_bias,
+        q_hat,
+        modulation,
+        eps,
+        max(1, d.shape[0] // RESCORE_PIECE_DIV),
+    )
 
 
 def _affine(
@@ -354,8 +356,11 @@ def _affine(
             sq = y.mul_(y) @ sq_vecs[b]  # (rows, 2): E2, Gy2
             out[0:4, b].copy_(lin.t())
             out[4:6, b].copy_(sq.t())
-        scores = C.cosine_epilogue_(*out.unbind(0), prep.consts, eps, ill=st["ill"])
-        _rescore(scores, st["ill"], d, transform, ln_weight, ln_bias, q_hat, "affine", eps)
+        scores, flagged = C.cosine_epilogue_flagged_(
+            *out.unbind(0), prep.consts, eps, ill=st["ill"]
+        )
+        if flagged:
+            _rescore(scores, st["ill"], d, transform, ln_weight, ln_bias, q_hat, "affine", eps)
         st["top"].add(scores[:, skip:], lo + skip)
 
     return _merged(C.run_workers(plan.num_chunks, make_state, body, plan.workers), k)

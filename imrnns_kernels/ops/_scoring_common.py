@@ -196,7 +196,6 @@ def cosine_epilogue_(
     consts: torch.Tensor,
     eps: float,
     queries_last: bool = False,
-    ill: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores from the six moments (PyTorch; all arguments broadcast against each other).
 
@@ -204,10 +203,28 @@ def cosine_epilogue_(
     each query's constants apply to its row (column). Overwrites ``p``, ``gy``, ``vy``,
     ``e2`` and ``gy2`` in place (they are scratch on the hot path: about 20 in-place passes
     over a (B, n) slab, no allocation but ``mu^2``) and returns the scores in ``p``'s storage.
+    """
+    return cosine_epilogue_flagged_(mu, p, gy, vy, e2, gy2, consts, eps, queries_last)[0]
 
-    ``ill``: an optional bool tensor of the scores' shape, set where the one-pass moments are
-    ill-conditioned (see :data:`ILL_CONDITIONED`); those scores must be recomputed by
-    :func:`exact_scores`.
+
+def cosine_epilogue_flagged_(
+    mu: torch.Tensor,
+    p: torch.Tensor,
+    gy: torch.Tensor,
+    vy: torch.Tensor,
+    e2: torch.Tensor,
+    gy2: torch.Tensor,
+    consts: torch.Tensor,
+    eps: float,
+    queries_last: bool = False,
+    ill: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """:func:`cosine_epilogue_` that also says whether any score is ill-conditioned.
+
+    Returns (scores, flagged). With ``ill`` (a bool tensor of the scores' shape) and flagged
+    true, ``ill`` marks the pairs whose one-pass moments lose too many bits (see
+    :data:`ILL_CONDITIONED`); they must be recomputed by :func:`exact_scores`. When flagged
+    is false ``ill`` is left as it was: the common case costs two maxima, no mask.
     """
     # c[:, X] is each query's constant X, shaped to broadcast over the moments.
     c = consts.t()[None, :, :] if queries_last else consts[:, :, None]
@@ -216,9 +233,13 @@ def cosine_epilogue_(
     r = e2.sub_(mu2)
     torch.maximum(r, -c[:, C_CB], out=r)
     r.add_(c[:, C_CB] + eps)
+    flagged = False
     if ill is not None:
         # E2 - mu^2 loses log2(mu^2 / (var + eps)) bits: flag the pairs that lose too many.
-        torch.gt(mu2, r * ILL_CONDITIONED, out=ill)
+        excess = torch.sub(mu2, r, alpha=ILL_CONDITIONED)
+        flagged = bool(excess.amax() > 0)
+        if flagged:
+            torch.gt(excess, 0, out=ill)
     r.rsqrt_()
     # <q^, d~> = r (P + <q^g, b'> - mu <q^, g>) + <q^, beta>
     num = p.addcmul_(mu, c[:, C_QG], value=-1.0).add_(c[:, C_QGB]).mul_(r).add_(c[:, C_QBETA])
@@ -227,13 +248,19 @@ def cosine_epilogue_(
     q = gy2.add_(c[:, C_G2B2]).addcmul_(mu, gy, value=-2.0).addcmul_(mu2, c[:, C_G2])
     if ill is not None:
         # Q is sum(g^2 (y - mu)^2) expanded: the same cancellation, weighted by g^2.
-        ill |= (mu2 * c[:, C_G2]) > q * ILL_CONDITIONED
+        excess = torch.mul(mu2, c[:, C_G2]).sub_(q, alpha=ILL_CONDITIONED)
+        if bool(excess.amax() > 0):
+            if flagged:
+                ill |= excess > 0
+            else:
+                torch.gt(excess, 0, out=ill)
+                flagged = True
     # L = Vy + sum(g beta b') - mu sum(g beta)
     lin = vy.addcmul_(mu, c[:, C_GBETA], value=-1.0).add_(c[:, C_GBETAB])
     # ||d~||^2 = r (r Q + 2 L) + ||beta||^2; score = num / max(||d~||, 1e-12)
     den = q.mul_(r).add_(lin, alpha=2.0).mul_(r).add_(c[:, C_BETA2])
     den.clamp_min_(NORMALIZE_EPS * NORMALIZE_EPS).rsqrt_()
-    return num.mul_(den)
+    return num.mul_(den), flagged
 
 
 # The one-pass moments lose about log2(mu^2 / var) bits to cancellation. Rows of a projected
@@ -387,6 +414,10 @@ class StreamingTopK:
         # tie to the lower id already held. After the first chunks almost nothing passes
         # (about k ln(N/k) survivors per query over a whole scan), so a compare and a nonzero
         # replace torch.topk: 0.8 ms -> ~0.1 ms per (16 x 4096) chunk on one EPYC core.
+        # Most chunks of a long scan hold nothing above any query's k-th best: a row maximum
+        # settles that faster than the (B, n) compare and count below.
+        if not bool((chunk_scores.amax(dim=1, keepdim=True) > self.scores[:, -1:]).any()):
+            return
         survivors = chunk_scores > self.scores[:, -1:]
         counts = survivors.sum(dim=1)
         most = int(counts.max())
