@@ -378,17 +378,7 @@ class IMRNNIndex:
             feedback_k: override the index's feedback set size (capped at ``ntotal``).
             encoder: when given and the index records its encoder, they must match.
         """
-        q, _, kf = check_search_args(
-            queries,
-            1,
-            "rerank",
-            feedback_k,
-            self.feedback_k,
-            encoder,
-            self.encoder,
-            self.ntotal,
-            self.model.config.input_dim,
-        )
+        q, _, kf = self._checked(queries, 1, "rerank", feedback_k, encoder)
         parts = [
             self._query_state_chunk(q[lo : lo + SEARCH_CHUNK], kf)
             for lo in range(0, q.shape[0], SEARCH_CHUNK)
@@ -412,6 +402,22 @@ class IMRNNIndex:
             if name != "feedback_weights"
         }
         return QueryState(feedback_weights=weights, **cat)
+
+    def _checked(
+        self, queries: Any, k: Any, mode: Any, feedback_k: Any, encoder: str | None
+    ) -> tuple[torch.Tensor, bool, int]:
+        """:func:`check_search_args` against this index: (queries, was numpy, feedback_k)."""
+        return check_search_args(
+            queries,
+            k,
+            mode,
+            feedback_k,
+            self.feedback_k,
+            encoder,
+            self.encoder,
+            self.ntotal,
+            self.model.config.input_dim,
+        )
 
     def _query_state_chunk(self, q: torch.Tensor, kf: int) -> QueryState:
         """:meth:`query_state` of one block of queries (the first half of a search)."""
@@ -453,17 +459,7 @@ class IMRNNIndex:
             (scores (B, k) float32, ids (B, k) int64), same container type as ``queries``.
         """
         check_workspace_bytes(workspace_bytes)
-        q, was_numpy, kf = check_search_args(
-            queries,
-            k,
-            mode,
-            feedback_k,
-            self.feedback_k,
-            encoder,
-            self.encoder,
-            self.ntotal,
-            self.model.config.input_dim,
-        )
+        q, was_numpy, kf = self._checked(queries, k, mode, feedback_k, encoder)
         outs = [
             self._search_chunk(q[lo : lo + SEARCH_CHUNK], k, mode, kf, workspace_bytes)
             for lo in range(0, q.shape[0], SEARCH_CHUNK)
