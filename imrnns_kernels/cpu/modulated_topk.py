@@ -274,20 +274,19 @@ def _diagonal(
         # (atoms x docs) layout: each moment is a contiguous (B, rows) slab, so the epilogue
         # and the top-k run on contiguous rows (the (docs x atoms) product was no faster
         # end to end: its strided epilogue and top-k cost more than the GEMM saved).
-        scores, flagged = C.cosine_epilogue_flagged_(
-            *out.unbind(0), atoms.consts, eps, ill=st["ill"]
+        _finish_chunk(
+            st, atoms.consts, d, lo, skip, transform, ln_weight, ln_bias, q_hat, "diagonal", eps
         )
-        if flagged:
-            _rescore(scores, st["ill"], d, transform, ln_weight, ln_bias, q_hat, "diagonal", eps)
-        st["top"].add(scores[:, skip:], lo + skip)
 
     return _merged(C.run_workers(plan.num_chunks, make_state, body, plan.workers), k)
 
 
-def _rescore(
-    scores: torch.Tensor,
-    ill: torch.Tensor,
+def _finish_chunk(
+    st: dict,
+    consts: torch.Tensor,
     d: torch.Tensor,
+    lo: int,
+    skip: int,
     transform: torch.Tensor,
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
@@ -295,20 +294,27 @@ def _rescore(
     modulation: str,
     eps: float,
 ) -> None:
-    """Recompute the chunk's flagged (ill-conditioned) scores two-pass, in bounded pieces."""
-    dtype = q_hat.dtype
-    C.rescore_flagged_(
-        scores,
-        ill,
-        lambda _q, c: d[c].to(dtype),
-        transform.to(dtype),
-        ln_weight,
-        ln_bias,
-        q_hat,
-        modulation,
-        eps,
-        max(1, d.shape[0] // RESCORE_PIECE_DIV),
+    """The tail shared by both forms: the chunk's moments (``st["moments"]``) to scores,
+    flagged (ill-conditioned) pairs recomputed two-pass in bounded pieces, and the new
+    columns (``skip`` onwards, rows from ``lo``) merged into the worker's running top-k."""
+    scores, flagged = C.cosine_epilogue_flagged_(
+        *st["moments"].unbind(0), consts, eps, ill=st["ill"]
     )
+    if flagged:
+        dtype = q_hat.dtype
+        C.rescore_flagged_(
+            scores,
+            st["ill"],
+            lambda _q, c: d[c].to(dtype),
+            transform.to(dtype),
+            ln_weight,
+            ln_bias,
+            q_hat,
+            modulation,
+            eps,
+            max(1, d.shape[0] // RESCORE_PIECE_DIV),
+        )
+    st["top"].add(scores[:, skip:], lo + skip)
 
 
 def _affine(
@@ -356,12 +362,9 @@ def _affine(
             sq = y.mul_(y) @ sq_vecs[b]  # (rows, 2): E2, Gy2
             out[0:4, b].copy_(lin.t())
             out[4:6, b].copy_(sq.t())
-        scores, flagged = C.cosine_epilogue_flagged_(
-            *out.unbind(0), prep.consts, eps, ill=st["ill"]
+        _finish_chunk(
+            st, prep.consts, d, lo, skip, transform, ln_weight, ln_bias, q_hat, "affine", eps
         )
-        if flagged:
-            _rescore(scores, st["ill"], d, transform, ln_weight, ln_bias, q_hat, "affine", eps)
-        st["top"].add(scores[:, skip:], lo + skip)
 
     return _merged(C.run_workers(plan.num_chunks, make_state, body, plan.workers), k)
 
