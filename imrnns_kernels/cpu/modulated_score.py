@@ -212,45 +212,10 @@ def score_backward(
     )
 
 
-class ModulatedScoreCPU(torch.autograd.Function):
-    """``score[b, k] = <normalize(q_b), normalize(LN(T_b(corpus[ids[b, k]])))>``, (B, K).
-
-    Forward: :func:`_forward` (chunked BLAS). Backward: :func:`score_backward`, gradients to
-    corpus, transform, ln_weight, ln_bias and queries (none to ids).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        corpus: torch.Tensor,
-        ids: torch.Tensor,
-        transform: torch.Tensor,
-        ln_weight: torch.Tensor,
-        ln_bias: torch.Tensor,
-        queries: torch.Tensor,
-        modulation: str,
-        eps: float,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(corpus, ids, transform, ln_weight, ln_bias, queries)
-        ctx.modulation, ctx.eps = modulation, eps
-        return _forward(corpus, ids, transform, ln_weight, ln_bias, queries, modulation, eps)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        corpus, ids, transform, ln_weight, ln_bias, queries = ctx.saved_tensors
-        d_corpus, d_t, d_g, d_beta, d_q = score_backward(
-            grad,
-            corpus,
-            ids,
-            transform,
-            ln_weight,
-            ln_bias,
-            queries,
-            ctx.modulation,
-            ctx.eps,
-            need_corpus=ctx.needs_input_grad[0],
-        )
-        return d_corpus, None, d_t, d_g, d_beta, d_q, None, None
+# score[b, k] = <normalize(q_b), normalize(LN(T_b(corpus[ids[b, k]])))>, (B, K). Forward:
+# _forward (chunked BLAS); backward: score_backward, gradients to corpus, transform,
+# ln_weight, ln_bias and queries (none to ids).
+ModulatedScoreCPU = C.score_function("ModulatedScoreCPU", _forward, score_backward)
 
 
 def modulated_score(

@@ -42,7 +42,7 @@ import itertools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -343,6 +343,58 @@ def rescore_flagged_(
         scores[q, c] = exact_scores(
             rows_of(q, c), transform[q], ln_weight, ln_bias, q_hat[q], modulation, eps
         ).to(scores.dtype)
+
+
+def score_function(
+    name: str,
+    forward: Callable[..., torch.Tensor],
+    backward: Callable[..., tuple[torch.Tensor | None, ...]],
+) -> type[torch.autograd.Function]:
+    """The autograd Function of candidate scoring around a path's ``forward`` / ``backward``.
+
+    ``forward(corpus, ids, transform, ln_weight, ln_bias, queries, modulation, eps)`` gives
+    the (B, K) scores; ``backward(grad, <the same six tensors>, modulation, eps,
+    need_corpus=...)`` gives (d corpus or None, d transform, d ln_weight, d ln_bias,
+    d queries). The CPU and Triton paths share this shape (one definition, two backends);
+    ids and the two constants get no gradient.
+    """
+
+    def fwd(
+        ctx: torch.autograd.function.FunctionCtx,
+        corpus: torch.Tensor,
+        ids: torch.Tensor,
+        transform: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        queries: torch.Tensor,
+        modulation: str,
+        eps: float,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(corpus, ids, transform, ln_weight, ln_bias, queries)
+        ctx.modulation, ctx.eps = modulation, eps
+        return forward(corpus, ids, transform, ln_weight, ln_bias, queries, modulation, eps)
+
+    def bwd(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        corpus, ids, transform, ln_weight, ln_bias, queries = ctx.saved_tensors
+        d_corpus, d_t, d_g, d_beta, d_q = backward(
+            grad,
+            corpus,
+            ids,
+            transform,
+            ln_weight,
+            ln_bias,
+            queries,
+            ctx.modulation,
+            ctx.eps,
+            need_corpus=ctx.needs_input_grad[0],
+        )
+        return d_corpus, None, d_t, d_g, d_beta, d_q, None, None
+
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(fwd), "backward": staticmethod(bwd), "__doc__": forward.__doc__},
+    )
 
 
 # --------------------------------------------------------------------------- top-k

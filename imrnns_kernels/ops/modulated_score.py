@@ -602,56 +602,22 @@ def modulated_score_backward(
     )
 
 
-class ModulatedScoreFunction(torch.autograd.Function):
-    """Fused candidate scoring with an analytic backward.
-
-    Shapes: corpus (N, m), ids (B, K), transform (B, OUT), ln_weight/ln_bias (m,),
-    queries (B, m) -> scores (B, K) float32. With d~ = LN(T_b(d)) = z g + beta,
-    d^ = d~ / ||d~||, q^ = q / ||q||, G = dL/dscore::
-
-        dq^ = sum_k G d^,    dd~ = G (q^ - d^ score) / ||d~||,
-        dg = sum dd~ z,      dbeta = sum dd~,
-        dy = r (dz - mean(dz) - z mean(dz z)),  dz = dd~ g,
-        diagonal: ds = sum_k dy d, db = sum_k dy;   affine: dW = sum_k dy d^T, db = sum_k dy,
-        corpus:   index_add of dy s (diagonal) or W^T dy (affine) at ids (duplicates add up).
-
-    No gradient for ids. Gradients are fp32 sums (cast to each input's dtype).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        corpus: torch.Tensor,
-        ids: torch.Tensor,
-        transform: torch.Tensor,
-        ln_weight: torch.Tensor,
-        ln_bias: torch.Tensor,
-        queries: torch.Tensor,
-        modulation: str,
-        eps: float,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(corpus, ids, transform, ln_weight, ln_bias, queries)
-        ctx.modulation, ctx.eps = modulation, eps
-        return modulated_score_forward(
-            corpus, ids, transform, ln_weight, ln_bias, queries, modulation, eps
-        )
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        corpus, ids, transform, ln_weight, ln_bias, queries = ctx.saved_tensors
-        d_corpus, d_t, d_g, d_beta, d_q = modulated_score_backward(
-            grad,
-            corpus,
-            ids,
-            transform,
-            ln_weight,
-            ln_bias,
-            queries,
-            ctx.modulation,
-            ctx.eps,
-            need_corpus=ctx.needs_input_grad[0],
-        )
-        return d_corpus, None, d_t, d_g, d_beta, d_q, None, None
+# Fused candidate scoring with an analytic backward.
+#
+# Shapes: corpus (N, m), ids (B, K), transform (B, OUT), ln_weight/ln_bias (m,),
+# queries (B, m) -> scores (B, K) float32. With d~ = LN(T_b(d)) = z g + beta,
+# d^ = d~ / ||d~||, q^ = q / ||q||, G = dL/dscore:
+#
+# dq^ = sum_k G d^,    dd~ = G (q^ - d^ score) / ||d~||,
+# dg = sum dd~ z,      dbeta = sum dd~,
+# dy = r (dz - mean(dz) - z mean(dz z)),  dz = dd~ g,
+# diagonal: ds = sum_k dy d, db = sum_k dy;   affine: dW = sum_k dy d^T, db = sum_k dy,
+# corpus:   index_add of dy s (diagonal) or W^T dy (affine) at ids (duplicates add up).
+#
+# No gradient for ids. Gradients are fp32 sums (cast to each input's dtype).
+ModulatedScoreFunction = C.score_function(
+    "ModulatedScoreFunction", modulated_score_forward, modulated_score_backward
+)
 
 
 def modulated_score(
