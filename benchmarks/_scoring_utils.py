@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from imrnns.bench import naive_exhaustive
+
 
 def unit_corpus(n: int, m: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
     """(n, m) random unit rows (projected embeddings), generated in slabs to bound memory."""
@@ -50,24 +52,10 @@ def naive_topk(
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The naive PyTorch baseline: per query, materialise T(D), LayerNorm, normalise, matmul,
-    topk. (The reference op does all queries at once; at N=1e6, B=16 its (B, N, m) fp32
-    intermediates would need 16 GB each, so the baseline loops over queries.)"""
-    m = corpus.shape[1]
-    d = corpus.float()
-    out_s, out_i = [], []
-    for b in range(queries.shape[0]):
-        if modulation == "diagonal":
-            y = d * transform[b, :m] + transform[b, m:]
-        else:
-            y = torch.addmm(transform[b, m * m :], d, transform[b, : m * m].view(m, m).t())
-        z = F.normalize(F.layer_norm(y, (m,), ln_weight, ln_bias, eps), dim=1)
-        del y
-        s = z @ F.normalize(queries[b], dim=0)
-        del z
-        v, i = torch.topk(s, k)
-        out_s.append(v)
-        out_i.append(i)
-    return torch.stack(out_s), torch.stack(out_i)
+    topk (:func:`imrnns.bench.naive_exhaustive`, the scaling sweep's ``naive`` provider). The
+    reference op does all queries at once; at N=1e6, B=16 its (B, N, m) fp32 intermediates
+    would need 16 GB each, so the baseline loops over queries."""
+    return naive_exhaustive(corpus, transform, ln_weight, ln_bias, queries, k, modulation, eps)
 
 
 def _proc_status() -> dict[str, int]:

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 
 import pytest
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU's model name, for every figure we quote."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from imrnns.bench import cpu_model
 
 
 def device_name() -> str:

@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 import unicodedata
@@ -39,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from imrnns.bench import cpu_model
 
 OFFICIAL_V01 = (
     Path(__file__).resolve().parents[2]
@@ -77,17 +78,6 @@ def grounded_share(explanations: list[Any]) -> dict[str, float]:
         "share_document_side": hits["document"] / max(total["document"], 1),
         "tokens_per_side": all_total / max(2 * n, 1),
     }
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def resolve_adapter(checkpoint: str | None) -> tuple[Path, str]:
