@@ -193,18 +193,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imrnns.train import train_from_beir
+    from imrnns.train import parse_overrides, train_from_beir
 
+    overrides = parse_overrides(args.set)
+    # The named options win over the same key in --set only when given.
+    for key in ("modulation", "seed", "epochs"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     payload = train_from_beir(
         data_dir=args.data,
         split=args.split,
         out_dir=args.out,
         encoder=args.encoder,
         cache_dir=args.cache,
-        modulation=args.modulation,
-        seed=args.seed,
-        epochs=args.epochs,
+        resume=not args.no_resume,
+        refit=args.refit,
+        refit_epochs=args.refit_epochs,
         show_progress=not args.json,
+        **overrides,
     )
     _emit(payload, args.json, json.dumps(payload, indent=2, default=_jsonable))
     return 0
@@ -379,11 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(split="train")
     sp.add_argument("--out", required=True, help="output directory (checkpoints each epoch)")
-    sp.add_argument("--modulation", choices=("diagonal", "affine"), default="diagonal")
-    sp.add_argument(
-        "--seed", type=int, default=42, help="random seed (42 reproduces the shipped adapter)"
-    )
+    sp.add_argument("--modulation", choices=("diagonal", "affine"), default=None,
+                    help="modulation form (default: diagonal)")  # fmt: skip
+    sp.add_argument("--seed", type=int, default=None,
+                    help="random seed (default 42, which reproduces the shipped adapter)")  # fmt: skip
     sp.add_argument("--epochs", type=int, default=None)
+    sp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="any TrainConfig field, e.g. loss=margin pseudo_queries=title "
+                    "(values parsed as JSON, else kept as strings)")  # fmt: skip
+    sp.add_argument("--refit", action="store_true",
+                    help="then retrain on all queries of the split for the selected epochs")  # fmt: skip
+    sp.add_argument("--refit-epochs", type=int, default=None, metavar="N",
+                    help="refit for N epochs instead of the selected epoch (implies --refit)")  # fmt: skip
+    sp.add_argument("--no-resume", action="store_true",
+                    help="start afresh instead of continuing an interrupted run in --out")  # fmt: skip
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser(

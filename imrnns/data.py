@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["BeirDataset", "load_beir", "scifact_path", "seen_doc_split"]
+__all__ = ["BeirDataset", "load_beir", "load_corpus_fields", "scifact_path", "seen_doc_split"]
 
 _QRELS_HEADER = ("query-id", "corpus-id", "score")
 
@@ -107,20 +107,14 @@ def load_beir(data_dir: str | Path, split: str = "test") -> BeirDataset:
     queries_path = _find_file(root, "queries.jsonl")
     qrels_path = _find_qrels(root, split)
 
-    corpus_ids: list[str] = []
-    corpus_texts: list[str] = []
-    doc_seen: set[str] = set()
-    for lineno, obj in _read_jsonl(corpus_path):
-        doc_id = _get_id(obj, corpus_path, lineno)
-        if doc_id in doc_seen:
-            raise ValueError(f"{corpus_path}:{lineno}: duplicate document _id {doc_id!r}")
-        doc_seen.add(doc_id)
-        title = _get_str(obj, "title", corpus_path, lineno)
-        text = _get_str(obj, "text", corpus_path, lineno)
-        corpus_ids.append(doc_id)
-        # The exact string beir.retrieval.models.SentenceBERT encodes: title, one space,
-        # text, stripped; an empty title must not leave a leading space.
-        corpus_texts.append((title + " " + text).strip() if title else text.strip())
+    corpus_ids, titles, texts = _read_corpus(corpus_path)
+    doc_seen = set(corpus_ids)
+    # The exact string beir.retrieval.models.SentenceBERT encodes: title, one space, text,
+    # stripped; an empty title must not leave a leading space.
+    corpus_texts = [
+        (title + " " + text).strip() if title else text.strip()
+        for title, text in zip(titles, texts, strict=True)
+    ]
 
     all_queries: dict[str, str] = {}
     for lineno, obj in _read_jsonl(queries_path):
@@ -142,6 +136,47 @@ def load_beir(data_dir: str | Path, split: str = "test") -> BeirDataset:
         query_texts=query_texts,
         qrels=qrels,
     )
+
+
+def load_corpus_fields(data_dir: str | Path) -> tuple[list[str], list[str], list[str]]:
+    """Read a BEIR corpus keeping ``title`` and ``text`` apart.
+
+    :func:`load_beir` joins them (the string the encoder sees); label-free training signals
+    such as title pseudo-queries (:class:`imrnns.train.TrainConfig`'s ``pseudo_queries``)
+    need the fields separately.
+
+    Args:
+        data_dir: folder holding ``corpus.jsonl[.gz]``.
+
+    Returns:
+        ``(doc_ids, titles, texts)``, parallel lists in file order (the order of
+        ``BeirDataset.corpus_ids``); absent or null fields read as ``""``.
+
+    Raises:
+        FileNotFoundError: the folder or the corpus file is missing.
+        ValueError: a malformed line or a duplicate id (the message names file and line).
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"BEIR dataset folder not found: {root}")
+    return _read_corpus(_find_file(root, "corpus.jsonl"))
+
+
+def _read_corpus(corpus_path: Path) -> tuple[list[str], list[str], list[str]]:
+    """(ids, titles, texts) of a corpus file; duplicate ids raise naming file and line."""
+    ids: list[str] = []
+    titles: list[str] = []
+    texts: list[str] = []
+    seen: set[str] = set()
+    for lineno, obj in _read_jsonl(corpus_path):
+        doc_id = _get_id(obj, corpus_path, lineno)
+        if doc_id in seen:
+            raise ValueError(f"{corpus_path}:{lineno}: duplicate document _id {doc_id!r}")
+        seen.add(doc_id)
+        ids.append(doc_id)
+        titles.append(_get_str(obj, "title", corpus_path, lineno))
+        texts.append(_get_str(obj, "text", corpus_path, lineno))
+    return ids, titles, texts
 
 
 def seen_doc_split(

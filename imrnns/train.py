@@ -23,6 +23,19 @@ What one training step does, for a batch of B training queries:
    - ``"improvement"``: the official v0.2 objective, ``max(0, margin + base_gap - gap)``:
      the adapted positive-negative gap must beat the base encoder's gap by ``margin``.
 
+Corpus pseudo-queries (``TrainConfig.pseudo_queries``, off by default): every corpus
+document's title (or the first sentence of its abstract), encoded with the *query* encoder,
+becomes an extra training query whose single positive (gain 1) is its own document, with
+hard negatives mined from the base first stage exactly as for real queries. Each step adds
+``pseudo_batch`` of them to the loss with weight ``pseudo_weight`` (the epoch is still one
+pass over the real queries). This is label-free, transductive domain adaptation (as in
+ICT/GPL): it uses the unlabelled corpus, which every split shares, and no judgement of any
+split. Pseudo-queries exist for every document, including those relevant to validation or
+test queries, so validation mirrors test; the seen-doc / unseen-doc subsets stay defined by
+the *real* training qrels only. The point is to dilute the prior "documents cited by
+training queries are good": every document has a training query, and the adapter gets
+query-to-document supervision on documents no real training query cites.
+
 Optimisation: AdamW, linear warm-up then linear decay, gradient clipping. Model selection and
 early stopping use a validation slice carved from the training split (never from test): its
 queries are split into seen-doc / unseen-doc relative to the remaining training queries
@@ -47,6 +60,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,17 +73,22 @@ from tqdm.auto import tqdm
 
 from imrnns._atomic import atomic_directory, atomic_file, resolve_directory
 from imrnns.checkpoints import load_pretrained, save_pretrained
-from imrnns.data import seen_doc_split
+from imrnns.data import load_corpus_fields, seen_doc_split
 from imrnns.evaluate import EmbeddedSplit, base_search, embed_beir, imrnn_search
 from imrnns.metrics import evaluate_run, mean_metrics, run_from_results
 from imrnns.model import IMRNN, IMRNNConfig
 
 __all__ = [
     "LOSSES",
+    "PSEUDO_SOURCES",
     "SELECTIONS",
+    "PseudoQueries",
     "TrainConfig",
     "TrainingData",
+    "build_pseudo_queries",
+    "parse_overrides",
     "prepare_training_data",
+    "pseudo_query_texts",
     "split_validation",
     "train",
     "train_from_beir",
@@ -78,6 +97,8 @@ __all__ = [
 LOSSES = ("ce", "mnrl", "margin", "improvement")
 SELECTIONS = ("mean", "unseen", "seen", "overall", "overall_if_unseen")
 PROJECTOR_INITS = ("auto", "identity", "pca", "random")
+# "" (off), the document title, or the first sentence of its text (see pseudo_query_texts).
+PSEUDO_SOURCES = ("", "title", "first_sentence")
 FREEZABLE = ("projector", "query_hypernet", "doc_hypernet", "query_norm", "doc_norm")
 STATE_NAME = "trainer_state.pt"
 SUMMARY_NAME = "training.json"
@@ -148,6 +169,14 @@ class TrainConfig:
             when no epoch qualifies, and then the one closest to the base level).
         patience: epochs without improvement before stopping (0: never stop early).
         seed: everything random (initialisation, validation split, batches, negatives).
+    Corpus pseudo-queries (label-free; see the module docstring):
+        pseudo_queries: ``""`` (off, the default), ``"title"`` (each document's title as a
+            query for that document) or ``"first_sentence"`` (the first sentence of its
+            text, a leading all-caps heading such as ``BACKGROUND`` removed).
+        pseudo_weight: loss weight of the pseudo-query term (> 0).
+        pseudo_batch: pseudo-queries per optimiser step, drawn without replacement from a
+            per-epoch shuffle of all of them (so an epoch costs about
+            ``1 + pseudo_batch / batch_size`` times as much).
 
     Defaults: chosen on the SciFact validation slice (121 of the 809 train queries; never
     the test split) by the mean of seen-doc and unseen-doc validation nDCG@10. Distillation
@@ -188,6 +217,9 @@ class TrainConfig:
     selection: str = "mean"
     patience: int = 6
     seed: int = 42
+    pseudo_queries: str = ""
+    pseudo_weight: float = 1.0
+    pseudo_batch: int = 32
 
     def __post_init__(self) -> None:
         if isinstance(self.hidden_dims, list):  # from JSON
@@ -198,7 +230,13 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES} or a '+'-joined sum, got {self.loss!r}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        for name in ("feedback_k", "negative_pool", "epochs", "batch_size", "anchor_batch"):
+        if self.pseudo_queries not in PSEUDO_SOURCES:
+            raise ValueError(
+                f"pseudo_queries must be one of {PSEUDO_SOURCES}, got {self.pseudo_queries!r}"
+            )
+        for name in (
+            "feedback_k", "negative_pool", "epochs", "batch_size", "anchor_batch", "pseudo_batch",
+        ):  # fmt: skip
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -216,6 +254,9 @@ class TrainConfig:
         for name in ("temperature", "lr", "distill_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        w = self.pseudo_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
+            raise ValueError(f"pseudo_weight must be a finite number > 0, got {w!r}")
         for name in (
             "margin",
             "improvement_margin",
@@ -315,6 +356,8 @@ class TrainingData:
     anchor_fb_scores: torch.Tensor = dataclasses.field(
         repr=False, default_factory=lambda: torch.empty(0, 0)
     )
+    # Corpus pseudo-queries (TrainConfig.pseudo_queries), None when off.
+    pseudo: _QuerySet | None = dataclasses.field(repr=False, default=None)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -325,8 +368,116 @@ class TrainingData:
             "num_val_seen_doc": len(self.val_subsets["seen_doc"]),  # 0 without holdout
             "num_val_unseen_doc": len(self.val_subsets["unseen_doc"]),
             "num_anchors": int(self.anchor_rows.shape[0]),
+            "num_pseudo_queries": 0 if self.pseudo is None else len(self.pseudo.ids),
             "fingerprint": self.fingerprint,
         }
+
+
+@dataclass(frozen=True)
+class PseudoQueries:
+    """Label-free pseudo-queries built from a corpus, one per document at most.
+
+    Build it with :func:`build_pseudo_queries` (or directly from precomputed embeddings).
+
+    Attributes:
+        source: the :data:`PSEUDO_SOURCES` entry that produced the texts.
+        doc_ids: the document each pseudo-query stands for (its single positive).
+        texts: the pseudo-query texts, parallel to ``doc_ids``.
+        emb: (P, n) float32 query-encoder embeddings of ``texts``.
+    """
+
+    source: str
+    doc_ids: list[str] = dataclasses.field(repr=False)
+    texts: list[str] = dataclasses.field(repr=False)
+    emb: np.ndarray = dataclasses.field(repr=False)
+
+    def __post_init__(self) -> None:
+        if self.source not in PSEUDO_SOURCES or not self.source:
+            raise ValueError(f"source must be one of {PSEUDO_SOURCES[1:]}, got {self.source!r}")
+        if not isinstance(self.emb, np.ndarray) or self.emb.ndim != 2:
+            raise TypeError(f"emb must be a 2-D numpy array, got {type(self.emb).__name__}")
+        if not len(self.doc_ids) == len(self.texts) == self.emb.shape[0]:
+            raise ValueError(
+                f"doc_ids ({len(self.doc_ids)}), texts ({len(self.texts)}) and emb rows "
+                f"({self.emb.shape[0]}) must be parallel"
+            )
+        if len(set(self.doc_ids)) != len(self.doc_ids):
+            raise ValueError("doc_ids must be unique (one pseudo-query per document)")
+        if not np.isfinite(self.emb).all():
+            raise ValueError("pseudo-query embeddings contain NaN or Inf")
+
+    def __repr__(self) -> str:
+        return f"PseudoQueries(source={self.source!r}, num={len(self.doc_ids)})"
+
+
+# A leading all-caps section heading of a structured abstract ("BACKGROUND", "OBJECTIVE:",
+# "BACKGROUND AND AIMS"), followed by a capitalised word; 4+ letters so acronyms survive.
+_HEADING = re.compile(r"^[A-Z]{4,}(?:\s+[A-Z]{2,})*\s*[:.]?\s+(?=[A-Z0-9])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+
+
+def pseudo_query_texts(
+    doc_ids: Sequence[str], titles: Sequence[str], texts: Sequence[str], source: str
+) -> tuple[list[str], list[str]]:
+    """Pseudo-query texts for a corpus: ``(doc_ids, queries)`` of the documents that have one.
+
+    Args:
+        doc_ids, titles, texts: parallel corpus fields (:func:`imrnns.data.load_corpus_fields`).
+        source: ``"title"`` (the title, stripped) or ``"first_sentence"`` (the first
+            sentence of the text after a leading all-caps heading).
+
+    Documents whose pseudo-query would be empty are left out.
+    """
+    if source not in PSEUDO_SOURCES or not source:
+        raise ValueError(f"source must be one of {PSEUDO_SOURCES[1:]}, got {source!r}")
+    if not len(doc_ids) == len(titles) == len(texts):
+        raise ValueError("doc_ids, titles and texts must be parallel")
+    ids, out = [], []
+    for d, title, text in zip(doc_ids, titles, texts, strict=True):
+        if source == "title":
+            q = title.strip()
+        else:
+            body = _HEADING.sub("", text.strip(), count=1)
+            q = _SENTENCE_END.split(body, maxsplit=1)[0].strip()
+        if q:
+            ids.append(d)
+            out.append(q)
+    return ids, out
+
+
+def build_pseudo_queries(
+    data_dir: str | Path,
+    source: str,
+    *,
+    encoder: Any = "minilm",
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> PseudoQueries:
+    """Read a BEIR corpus and encode its pseudo-queries with the *query* encoder (cached).
+
+    Uses only the corpus (no queries, no qrels of any split).
+
+    Args:
+        data_dir: the BEIR folder (``corpus.jsonl[.gz]``).
+        source: ``"title"`` or ``"first_sentence"`` (see :func:`pseudo_query_texts`).
+        encoder: an :class:`imrnns.encoders.Encoder` or a name/folder for one; it must be
+            the encoder of the corpus embeddings the pseudo-queries are trained against.
+        cache_dir: embedding cache folder (default: ``$IMRNNS_CACHE`` or the user cache).
+        show_progress: progress bar while encoding.
+    """
+    from imrnns.encoders import Encoder, default_cache_dir
+
+    ids, queries = pseudo_query_texts(*load_corpus_fields(data_dir), source)
+    if not ids:
+        raise ValueError(f"the corpus of {data_dir} has no non-empty {source} pseudo-query")
+    if not isinstance(encoder, Encoder):
+        encoder = Encoder(
+            str(encoder),
+            cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
+            show_progress=show_progress,
+        )
+    emb = encoder.encode_query(queries)
+    return PseudoQueries(source, ids, queries, np.ascontiguousarray(emb, dtype=np.float32))
 
 
 def split_validation(
@@ -399,6 +550,7 @@ def prepare_training_data(
     *,
     val_query_ids: Sequence[str] | None = None,
     holdout: bool = True,
+    pseudo: PseudoQueries | None = None,
 ) -> TrainingData:
     """Carve the validation slice from the training split and mine first-stage results.
 
@@ -408,9 +560,15 @@ def prepare_training_data(
         val_query_ids: an explicit validation slice instead of the seeded random one.
         holdout: False trains on every query and validates on none (a final refit with
             settings already chosen on a validation slice).
+        pseudo: the corpus pseudo-queries, required when ``config.pseudo_queries`` is set
+            (and then of that source), refused otherwise. Every one is used, whichever
+            split judges its document; the seen-doc / unseen-doc validation subsets
+            depend on the real training queries only.
 
     Raises:
-        ValueError: no query with a positive judgement, or an empty train/validation side.
+        ValueError: no query with a positive judgement, an empty train/validation side, or
+            ``pseudo`` missing, unexpected, of another source, of another dimension, or
+            naming a document not in the corpus.
     """
     ds = split.dataset
     usable = [q for q in ds.query_ids if any(g > 0 for g in ds.qrels[q].values())]
@@ -444,9 +602,13 @@ def prepare_training_data(
 
     train_set, val_set = make(train_ids), make(val_ids)
     seen, unseen = seen_doc_split(train_set.qrels, val_set.qrels)
-    fp = _fingerprint(
+    fp_parts: tuple[Any, ...] = (
         ds.name, ds.split, ds.corpus_ids, train_ids, val_ids, ds.qrels, corpus, split.queries
-    )
+    )  # fmt: skip
+    pseudo_set = _pseudo_set(pseudo, config, corpus, row_of_d)
+    if pseudo is not None:
+        fp_parts += (pseudo.source, pseudo.doc_ids, pseudo.emb)
+    fp = _fingerprint(*fp_parts)
     return TrainingData(
         corpus_ids=list(ds.corpus_ids),
         corpus=torch.from_numpy(corpus),
@@ -455,7 +617,46 @@ def prepare_training_data(
         val_subsets={"seen_doc": seen, "unseen_doc": unseen},
         fingerprint=fp,
         val_corpus_np=corpus,
+        pseudo=pseudo_set,
         **_anchors(corpus, train_set.cited, config),
+    )
+
+
+def _pseudo_set(
+    pseudo: PseudoQueries | None,
+    config: TrainConfig,
+    corpus: np.ndarray,
+    row_of: Mapping[str, int],
+) -> _QuerySet | None:
+    """The pseudo-queries as a query set: id ``pseudo:<doc>``, that document relevant (1)."""
+    if not config.pseudo_queries:
+        if pseudo is not None:
+            raise ValueError("pseudo-queries given but config.pseudo_queries is off ('')")
+        return None
+    if pseudo is None:
+        raise ValueError(
+            f"config.pseudo_queries={config.pseudo_queries!r} needs pseudo= "
+            "(imrnns.train.build_pseudo_queries)"
+        )
+    if pseudo.source != config.pseudo_queries:
+        raise ValueError(
+            f"pseudo-queries of source {pseudo.source!r} given for config.pseudo_queries="
+            f"{config.pseudo_queries!r}"
+        )
+    if pseudo.emb.shape[1] != corpus.shape[1]:
+        raise ValueError(
+            f"pseudo-query dim {pseudo.emb.shape[1]} != corpus dim {corpus.shape[1]}: they "
+            "must come from the same encoder"
+        )
+    unknown = [d for d in pseudo.doc_ids if d not in row_of]
+    if unknown:
+        raise ValueError(f"pseudo-queries name documents not in the corpus: {unknown[:5]}")
+    if not pseudo.doc_ids:
+        raise ValueError("pseudo-queries are empty")
+    ids = [f"pseudo:{d}" for d in pseudo.doc_ids]
+    qrels = {q: {d: 1} for q, d in zip(ids, pseudo.doc_ids, strict=True)}
+    return _query_set(
+        ids, pseudo.emb, qrels, corpus, row_of, config.feedback_k, config.negative_pool
     )
 
 
@@ -497,15 +698,18 @@ def _batch_candidates(
     rows: Sequence[int],
     config: TrainConfig,
     gen: torch.Generator,
+    qs: _QuerySet | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidate ids (B, L), gains (B, L) float and validity (B, L) bool for a batch.
+
+    ``rows`` index ``qs`` (default: the training queries; the pseudo-queries otherwise).
 
     Columns: the union of the batch's positives (shared by all rows; a row sees another
     row's positive as a negative only with in-batch negatives), then ``num_negatives`` hard
     negatives of the row's own. A hard negative already present as a valid union column is
     masked out so no document is counted twice.
     """
-    qs = data.train
+    qs = data.train if qs is None else qs
     union = sorted({d for r in rows for d in qs.positives[r][0]})
     col = {d: j for j, d in enumerate(union)}
     b, u, h = len(rows), len(union), config.num_negatives
@@ -530,7 +734,8 @@ def _batch_candidates(
             continue
         chosen: list[int] = []
         if config.cited_negatives > 0:
-            cited = [d for d in pool if d in qs.cited]
+            # Cited by a *real* training query (pseudo-queries cite every document).
+            cited = [d for d in pool if d in data.train.cited]
             perm = torch.randperm(len(cited), generator=gen)[: config.cited_negatives].tolist()
             chosen = [cited[p] for p in perm]
         taken = set(chosen)
@@ -614,11 +819,59 @@ def _step_loss(
     config: TrainConfig,
     gen: torch.Generator,
     corpus_unit: torch.Tensor,
+    pseudo_rows: Sequence[int] = (),
+    pseudo_gen: torch.Generator | None = None,
 ) -> torch.Tensor:
-    qs = data.train
-    idx = torch.tensor(list(rows), dtype=torch.int64)
+    """One step's loss: the real batch ``rows`` (ranking + distillation), the anchor term,
+    and ``pseudo_weight`` times the same ranking + distillation loss on the pseudo-query
+    batch ``pseudo_rows`` (its negatives and noise drawn from ``pseudo_gen``, so the real
+    batch's draws do not depend on whether pseudo-queries are on)."""
     cand, gains, valid = _batch_candidates(data, rows, config, gen)
     corpus_p = model.project(data.corpus)  # (N, m), differentiable through the projector
+    loss = _query_loss(model, data, data.train, rows, cand, gains, valid, config, gen,
+                       corpus_p, corpus_unit)  # fmt: skip
+    if config.anchor_weight > 0:
+        pick = torch.randperm(data.anchor_rows.shape[0], generator=gen)[: config.anchor_batch]
+        a_fb = data.anchor_fb[pick]
+        a_pq = corpus_p[data.anchor_rows[pick]]
+        a_tq, _, a_qt = model.query_state(
+            a_pq, corpus_p, a_fb, model.feedback_weights(data.anchor_fb_scores[pick])
+        )
+        a_scores = model.score_ids(corpus_p, a_fb, a_tq, a_qt)
+        loss = loss + config.anchor_weight * _distill(
+            a_scores,
+            data.anchor_fb_scores[pick],
+            torch.ones_like(a_fb, dtype=torch.bool),
+            config.distill_temperature,
+        )
+    if len(pseudo_rows) > 0:
+        if data.pseudo is None or pseudo_gen is None:
+            raise ValueError("pseudo_rows need data.pseudo and pseudo_gen")
+        p_cand, p_gains, p_valid = _batch_candidates(
+            data, pseudo_rows, config, pseudo_gen, data.pseudo
+        )
+        loss = loss + config.pseudo_weight * _query_loss(
+            model, data, data.pseudo, pseudo_rows, p_cand, p_gains, p_valid, config,
+            pseudo_gen, corpus_p, corpus_unit,
+        )  # fmt: skip
+    return loss
+
+
+def _query_loss(
+    model: IMRNN,
+    data: TrainingData,
+    qs: _QuerySet,
+    rows: Sequence[int],
+    cand: torch.Tensor,
+    gains: torch.Tensor,
+    valid: torch.Tensor,
+    config: TrainConfig,
+    gen: torch.Generator,
+    corpus_p: torch.Tensor,
+    corpus_unit: torch.Tensor,
+) -> torch.Tensor:
+    """Ranking loss plus distillation for the batch ``rows`` of the query set ``qs``."""
+    idx = torch.tensor(list(rows), dtype=torch.int64)
     q = qs.emb[idx]
     if config.query_noise > 0:
         noise = torch.randn(q.shape, generator=gen) * config.query_noise / math.sqrt(q.shape[1])
@@ -640,20 +893,6 @@ def _step_loss(
             keep[i] = torch.tensor([d not in pos for d in fb[i].tolist()])
         loss = loss + config.distill_weight * _distill(
             fb_scores, fb_base, keep, config.distill_temperature
-        )
-    if config.anchor_weight > 0:
-        pick = torch.randperm(data.anchor_rows.shape[0], generator=gen)[: config.anchor_batch]
-        a_fb = data.anchor_fb[pick]
-        a_pq = corpus_p[data.anchor_rows[pick]]
-        a_tq, _, a_qt = model.query_state(
-            a_pq, corpus_p, a_fb, model.feedback_weights(data.anchor_fb_scores[pick])
-        )
-        a_scores = model.score_ids(corpus_p, a_fb, a_tq, a_qt)
-        loss = loss + config.anchor_weight * _distill(
-            a_scores,
-            data.anchor_fb_scores[pick],
-            torch.ones_like(a_fb, dtype=torch.bool),
-            config.distill_temperature,
         )
     return loss
 
@@ -783,10 +1022,28 @@ def _ema_update(ema: IMRNN, model: IMRNN, decay: float, step: int) -> None:
                 e.copy_(p)
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+def _epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """The epoch's generator; ``stream`` 1 is the pseudo-queries' own, independent one."""
     g = torch.Generator()
-    g.manual_seed(seed * 1_000_003 + epoch)
+    g.manual_seed(seed * 1_000_003 + epoch + stream * (1 << 48))
     return g
+
+
+def _pseudo_schedule(
+    data: TrainingData, config: TrainConfig, epoch: int, steps: int
+) -> tuple[list[list[int]], torch.Generator | None]:
+    """Each step's pseudo-query rows for one epoch and the generator for their negatives.
+
+    Rows come from a per-epoch shuffle of all pseudo-queries, ``pseudo_batch`` per step,
+    wrapping around when an epoch uses more than there are.
+    """
+    if data.pseudo is None or not data.pseudo.ids:
+        return [[] for _ in range(steps)], None
+    gen = _epoch_generator(config.seed, epoch, stream=1)
+    total = len(data.pseudo.ids)
+    order = torch.randperm(total, generator=gen).tolist()
+    per = min(config.pseudo_batch, total)
+    return [[order[(i * per + j) % total] for j in range(per)] for i in range(steps)], gen
 
 
 def _save_last(out: Path, model: IMRNN, state: dict[str, Any]) -> None:
@@ -959,12 +1216,14 @@ def train(
             gen = _epoch_generator(config.seed, epoch)
             torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout, if configured
             order = torch.randperm(len(data.train.ids), generator=gen).tolist()
+            pseudo_rows, pseudo_gen = _pseudo_schedule(data, config, epoch, steps_per_epoch)
             model.train()
             losses = []
-            for lo in range(0, len(order), config.batch_size):
+            for step, lo in enumerate(range(0, len(order), config.batch_size)):
                 rows = order[lo : lo + config.batch_size]
                 optimizer.zero_grad(set_to_none=True)
-                loss = _step_loss(model, data, rows, config, gen, corpus_unit)
+                loss = _step_loss(model, data, rows, config, gen, corpus_unit,
+                                  pseudo_rows[step], pseudo_gen)  # fmt: skip
                 loss.backward()
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -1059,6 +1318,7 @@ def train_from_beir(
     refit: bool = False,
     refit_epochs: int | None = None,
     embedded: EmbeddedSplit | None = None,
+    pseudo: PseudoQueries | None = None,
     show_progress: bool | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -1081,6 +1341,9 @@ def train_from_beir(
             chosen on validation outside this run, e.g. by cross-validation over several
             validation slices. The schedule still spans ``config.epochs``.
         embedded: precomputed embeddings of the split (skips the encoder).
+        pseudo: precomputed corpus pseudo-queries; by default, when
+            ``config.pseudo_queries`` is set, :func:`build_pseudo_queries` reads them from
+            ``data_dir``'s corpus and encodes them with ``encoder`` (cached).
 
     Returns:
         :func:`train`'s dict plus ``"dataset"``, ``"split"``, ``"encoder"``, and with
@@ -1104,7 +1367,10 @@ def train_from_beir(
         embedded = embed_beir(
             data_dir, split, encoder=encoder, cache_dir=cache_dir, show_progress=progress
         )
-    data = prepare_training_data(embedded, config)
+    if config.pseudo_queries and pseudo is None:
+        pseudo = build_pseudo_queries(data_dir, config.pseudo_queries, encoder=encoder,
+                                      cache_dir=cache_dir, show_progress=progress)  # fmt: skip
+    data = prepare_training_data(embedded, config, pseudo=pseudo)
     result = train(data, out_dir, config, resume=resume, progress=progress)
     result.update(dataset=embedded.dataset.name, split=embedded.dataset.split,
                   encoder=embedded.encoder)  # fmt: skip
@@ -1112,20 +1378,25 @@ def train_from_beir(
         result["refit"] = None
         epochs = result["best_epoch"] if refit_epochs is None else refit_epochs
         if epochs > 0:
-            all_data = prepare_training_data(embedded, config, holdout=False)
+            all_data = prepare_training_data(embedded, config, holdout=False, pseudo=pseudo)
             result["refit"] = train(all_data, Path(out_dir) / "refit", config, resume=resume,
                                     progress=progress, stop_after=epochs)  # fmt: skip
     return result
 
 
-def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values parsed as JSON when possible (``epochs=5``, ``dim=null``)."""
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs for :class:`TrainConfig`; values parsed as JSON when possible
+    (``epochs=5``, ``dim=null``), else kept as strings (``loss=margin``).
+
+    Raises:
+        ValueError: an item without ``=`` or naming no TrainConfig field.
+    """
     out: dict[str, Any] = {}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(f"bad --set {item!r}: expected key=value with key in {sorted(fields)}")
+            raise ValueError(f"bad --set {item!r}: expected key=value with key in {sorted(fields)}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -1153,11 +1424,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     result = train_from_beir(
         args.data, args.out, split=args.split, encoder=args.encoder, cache_dir=args.cache,
         resume=not args.no_resume, progress=not args.no_progress, refit=args.refit,
         refit_epochs=args.refit_epochs,
-        **_parse_overrides(args.set),
+        **overrides,
     )  # fmt: skip
     print(json.dumps(_jsonable(result), indent=2, sort_keys=True))
     return 0

@@ -1368,6 +1368,20 @@ def cli_train_missing_data(ws):
     )
 
 
+@case("cli", CliFailed, r"(?s)exit 2: imrnns train: error: bad --set 'no_such_field=1'")
+def cli_train_unknown_setting(ws):
+    return cli(
+        ws,
+        "train",
+        "--data",
+        str(ws.root / "nowhere"),
+        "--out",
+        str(ws.root / "run"),
+        "--set",
+        "no_such_field=1",
+    )
+
+
 @case(
     "cli",
     CliFailed,

@@ -35,6 +35,30 @@ def test_parser_defaults_to_vendored_scifact():
     assert Path(args.data).name == "scifact" and args.split == "test" and args.mode == "rerank"
 
 
+def test_train_passes_every_option_through(monkeypatch, tmp_path):
+    """``imrnns train`` takes the options of ``python -m imrnns.train``: --set, --refit,
+    --refit-epochs, --no-resume; a named option wins over the same key in --set."""
+    import imrnns.train as train_mod
+
+    seen: dict = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        return {"best_epoch": 1}
+
+    monkeypatch.setattr(train_mod, "train_from_beir", fake)
+    argv = ["train", "--out", str(tmp_path / "run"), "--set", "loss=margin", "epochs=3",
+            "pseudo_queries=title", "--epochs", "5", "--refit-epochs", "4", "--no-resume",
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["loss"] == "margin" and seen["pseudo_queries"] == "title"
+    assert seen["epochs"] == 5 and seen["refit_epochs"] == 4 and seen["resume"] is False
+    assert "modulation" not in seen and "seed" not in seen  # TrainConfig defaults apply
+    seen.clear()
+    assert main(["train", "--out", str(tmp_path / "run2"), "--json"]) == 0
+    assert seen["resume"] is True and seen["refit"] is False and seen["refit_epochs"] is None
+
+
 def _tiny_beir(root: Path) -> Path:
     docs = [
         ("d1", "Aspirin", "Aspirin reduces the risk of heart attack in adults."),
