@@ -103,6 +103,30 @@ def test_short_last_chunk_scores_like_a_full_one(monkeypatch):
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
+def test_gemm_blocks_cover_the_chunk_without_short_blocks(monkeypatch):
+    monkeypatch.setattr(cpu_topk, "GEMM_BLOCK", 64)
+    assert cpu_topk._gemm_blocks(300) == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 300)]
+    # A tail under 12 rows joins the block before it (MKL rounds tiny GEMMs differently).
+    assert cpu_topk._gemm_blocks(263) == [(0, 64), (64, 128), (128, 192), (192, 263)]
+    assert cpu_topk._gemm_blocks(40) == [(0, 40)]
+
+
+@pytest.mark.parametrize("chunk", [300, 263])
+def test_gemm_blocks_do_not_change_scores(monkeypatch, chunk):
+    """The diagonal GEMMs split into blocks inside a chunk give the single-GEMM scores, bit
+    for bit (so results stay independent of the plan)."""
+    b, n, m = 5, 3 * chunk + 17, 48
+    x = scoring_inputs(b, n, m, "diagonal")
+    monkeypatch.setattr(cpu_topk, "MIN_CHUNK", 16)
+    monkeypatch.setattr(cpu_topk, "MAX_CHUNK", chunk)
+    whole = cpu_topk.modulated_topk(*x, n, "diagonal", workspace_bytes=1 << 30)
+    monkeypatch.setattr(cpu_topk, "GEMM_BLOCK", 64)
+    plan = cpu_topk.plan_workspace(n, m, b, n, "diagonal", x.corpus.dtype, workspace_bytes=1 << 30)
+    assert plan.chunk == chunk and len(cpu_topk._gemm_blocks(plan.chunk)) > 1
+    blocked = cpu_topk.modulated_topk(*x, n, "diagonal", workspace_bytes=1 << 30)
+    assert torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
+
+
 def test_triton_chunk_from_budget():
     rows = triton_topk.plan_chunk_rows(10**6, 256, 32, 100, "diagonal", 16 * MIB)
     assert triton_topk.MIN_CHUNK_ROWS <= rows < 10**6

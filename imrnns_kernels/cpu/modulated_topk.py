@@ -19,9 +19,10 @@ Results do not depend on the plan: every chunk GEMM has the same number of rows 
 chunk is read as the corpus's final ``chunk`` rows and only its new columns are kept), the
 query block is fixed, and the merges order by (score desc, id asc), a total order.
 
-- ``diagonal``: the algebra of :mod:`imrnns_kernels.ops._scoring_common`: per chunk, one GEMM
-  of the chunk (n x m) by the (m x 6B) atoms, one GEMM of the squared chunk by the (m x 2B)
-  ones, and an O(1)-per-score epilogue: 8m multiply-adds per (document, query).
+- ``diagonal``: the algebra of :mod:`imrnns_kernels.ops._scoring_common`: per block of
+  ``GEMM_BLOCK`` rows, one GEMM of the rows by the (m x 6B) atoms and one of their squares by
+  the (m x 2B) ones; per chunk, an O(1)-per-score epilogue: 8m multiply-adds per (document,
+  query).
 - ``affine``: per chunk and query, ``Y' = D W'^T + b'`` (a GEMM, m^2 per document: the
   quadratic forms of LayerNorm cannot be factored below that), then the moments by two thin
   GEMMs and the same epilogue.
@@ -35,6 +36,7 @@ compare against the running k-th score and a ``nonzero``; only the first chunks 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -46,11 +48,20 @@ from imrnns_kernels.ops import _scoring_common as C
 # the workers, each worker's share clamped to [1 MB, MAX_WORKSPACE_BYTES].
 WORKSPACE_FRACTION = 0.15
 MAX_WORKSPACE_BYTES = 48 << 20
-# Rows per chunk. The chunk and its squares (2 x 4 MB at m=256, fp32) stay in one core's L2
-# (2 MB) + the shared L3: on one EPYC core both GEMMs ran at 66-68 GFLOP/s with 4096 rows,
-# against 29-48 GFLOP/s with 8192-16384 rows, whose operands spill to DRAM between the two.
+# Rows per chunk (one epilogue and one top-k update each), at most MAX_CHUNK.
+# - diagonal: the GEMMs go GEMM_BLOCK rows at a time (a block of 1024 rows, 1 MB at m=256 in
+#   fp32, and its squares stay in one core's L2 between the two GEMMs), so a chunk can be
+#   long: its size only sets how often the ~25 epilogue and top-k ops run. Capped so the
+#   (6, query block, chunk) moments take at most DIAGONAL_MOMENT_BYTES: N=1e6, m=256, k=100
+#   on 2 EPYC cores took 650 / 558 / 575 ms with 4096 / 16384 / 32768-row chunks for 16
+#   queries, 1863 / 1802 / 1836 ms with 4096 / 8192 / 16384 rows for 64 queries, and
+#   263 / 213 ms with 4096 / 16384 rows for one query.
+# - affine: AFFINE_MAX_CHUNK, the size that keeps a chunk and its y in L2 + L3.
 MIN_CHUNK = 256
-MAX_CHUNK = 4096
+MAX_CHUNK = 32768
+AFFINE_MAX_CHUNK = 4096
+DIAGONAL_MOMENT_BYTES = 6 << 20
+GEMM_BLOCK = 1024
 # Queries scored together per pass over the corpus: more columns make the GEMM more
 # efficient but the (6 * block, chunk) moment buffer larger. Not reduced for small budgets:
 # a GEMM's rounding may depend on its shape, and results must not depend on the budget.
@@ -89,12 +100,25 @@ class WorkspacePlan(NamedTuple):
     bytes: int
 
 
+def _max_chunk(qb: int, modulation: str, item: int) -> int:
+    """The largest chunk worth taking (see MAX_CHUNK's comment)."""
+    if modulation != "diagonal":
+        return min(MAX_CHUNK, AFFINE_MAX_CHUNK)
+    rows = DIAGONAL_MOMENT_BYTES // (6 * qb * item)
+    if rows >= GEMM_BLOCK:
+        rows -= rows % GEMM_BLOCK
+    return max(MIN_CHUNK, min(MAX_CHUNK, rows))
+
+
+def _block_bytes(m: int, modulation: str, item: int) -> int:
+    """Bytes per row of a worker's GEMM-block buffers (the diagonal form's squares)."""
+    return m * item if modulation == "diagonal" else 0
+
+
 def _row_bytes(qb: int, m: int, modulation: str, item: int, convert: bool) -> int:
     """Bytes one corpus row of a chunk costs one worker (buffers and per-chunk transients)."""
     rows = (m if convert else 0) + 6 * qb  # converted rows, (6, qb, chunk) moments
-    if modulation == "diagonal":
-        rows += m  # squares
-    else:
+    if modulation != "diagonal":
         rows += m + 6  # y, and the (chunk, 4) + (chunk, 2) moment columns of one query
     rows += qb  # the epilogue's mu^2
     # Ill-conditioning flags: a bool mask and two comparison temporaries (and a bool one);
@@ -116,10 +140,13 @@ def _query_bytes(qb: int, m: int, modulation: str, item: int) -> int:
     return qside + 2 * qb * C.NUM_CONSTS * item
 
 
-def _total(workers: int, chunk: int, row: int, qb: int, k: int, base: int) -> int:
+def _total(
+    workers: int, chunk: int, row: int, qb: int, k: int, base: int, block_row: int = 0
+) -> int:
     """The bound of a plan: base + the larger of the scan phase and the final merge."""
     slots = qb * k
-    scan = workers * (int(chunk * row * (1 + ALLOCATOR_SLACK)) + TOPK_SLOT_BYTES * slots)
+    rows = chunk * row + min(GEMM_BLOCK + 12, chunk) * block_row  # + the longest block
+    scan = workers * (int(rows * (1 + ALLOCATOR_SLACK)) + TOPK_SLOT_BYTES * slots)
     scan += workers * THREAD_BYTES
     # After the scan the chunk buffers are freed; the workers' states (12 B per slot) are
     # concatenated and sorted twice (ids and permutation, scores and order, gathers).
@@ -151,9 +178,11 @@ def plan_workspace(
     convert = corpus_dtype != dtype
     qb = max(1, min(QUERY_BLOCK, batch))
     row = _row_bytes(qb, m, modulation, item, convert)
+    block_row = _block_bytes(m, modulation, item)
     base = _query_bytes(qb, m, modulation, item) + 2 * batch * k * 12  # + outputs (and cat)
     threads = max(1, torch.get_num_threads() if threads is None else threads)
     min_chunk = max(1, min(MIN_CHUNK, n))
+    max_chunk = _max_chunk(qb, modulation, item)
     if workspace_bytes is None:
         # The default: a share of the corpus per worker, clamped (the historical rule).
         workers = threads
@@ -162,13 +191,17 @@ def plan_workspace(
         per_worker = min(MAX_WORKSPACE_BYTES, max(int(share), 1 << 20))
         widths = (2 if convert else 1) if modulation == "diagonal" else (3 if convert else 2)
         old_row = item * (m * widths + 8 * qb)
-        chunk = int(max(MIN_CHUNK, min(MAX_CHUNK, per_worker // max(old_row, 1), n)))
+        chunk = int(max(MIN_CHUNK, min(max_chunk, per_worker // max(old_row, 1), n)))
         chunk = min(chunk, n)
     else:
         workers = max(1, min(threads, -(-n // min_chunk)))
-        while workers > 1 and _total(workers, min_chunk, row, qb, k, base) > workspace_bytes:
+
+        def total(w: int, c: int) -> int:
+            return _total(w, c, row, qb, k, base, block_row)
+
+        while workers > 1 and total(workers, min_chunk) > workspace_bytes:
             workers -= 1
-        need = _total(1, min_chunk, row, qb, k, base)
+        need = total(1, min_chunk)
         if need > workspace_bytes:
             raise ValueError(
                 f"workspace_bytes={workspace_bytes} is too small for this search: it needs at "
@@ -177,13 +210,14 @@ def plan_workspace(
                 "per chunk"
             )
         scan = (workspace_bytes - base) // workers - TOPK_SLOT_BYTES * qb * k - THREAD_BYTES
-        chunk = int(scan / (row * (1 + ALLOCATOR_SLACK)))
-        # Spread the rows over the workers (a chunk each at least) and keep the L2-sized cap.
-        chunk = max(min_chunk, min(chunk, MAX_CHUNK, -(-n // workers)))
+        chunk = int(scan / (1 + ALLOCATOR_SLACK) - (GEMM_BLOCK + 12) * block_row) // row
+        # Spread the rows over the workers (a chunk each at least) and keep the size cap.
+        chunk = max(min_chunk, min(chunk, max_chunk, -(-n // workers)))
     chunk = max(1, min(chunk, n))
     num_chunks = -(-n // chunk)
     workers = max(1, min(workers, num_chunks))
-    return WorkspacePlan(qb, workers, chunk, num_chunks, _total(workers, chunk, row, qb, k, base))
+    total_bytes = _total(workers, chunk, row, qb, k, base, block_row)
+    return WorkspacePlan(qb, workers, chunk, num_chunks, total_bytes)
 
 
 def _merged(states: list[dict], k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +250,15 @@ def _one_intra_op_thread(plan: WorkspacePlan) -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(saved)
+
+
+def _gemm_blocks(chunk: int) -> list[tuple[int, int]]:
+    """Row ranges of a chunk's GEMMs: GEMM_BLOCK rows each, a short tail (< 12 rows, which
+    MKL would round differently) merged into the block before it."""
+    bounds = [*range(0, chunk, GEMM_BLOCK), chunk]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 12:
+        del bounds[-2]
+    return list(itertools.pairwise(bounds))
 
 
 def _chunk_rows(n: int, chunk: int, i: int) -> tuple[int, int]:
@@ -251,11 +294,12 @@ def _diagonal(
     convert = corpus.dtype != dtype
     chunk = plan.chunk
     q_hat = C.normalized_queries(queries, dtype)
+    blocks = _gemm_blocks(chunk)
 
     def make_state() -> dict:
         return {
             "moments": torch.empty(6, bsz, chunk, dtype=dtype),
-            "squares": torch.empty(chunk, m, dtype=dtype),
+            "squares": torch.empty(max(r1 - r0 for r0, r1 in blocks), m, dtype=dtype),
             "converted": torch.empty(chunk, m, dtype=dtype) if convert else None,
             "ill": torch.empty(bsz, chunk, dtype=torch.bool),
             "top": C.StreamingTopK(bsz, k, corpus.device),
@@ -268,9 +312,15 @@ def _diagonal(
             d = st["converted"].copy_(d)
         out = st["moments"]
         flat = out.view(6 * bsz, chunk)
-        torch.mm(lin, d.t(), out=flat)
-        sq = torch.mul(d, d, out=st["squares"])
-        flat[4 * bsz :].addmm_(quad, sq.t())
+        sq = st["squares"]
+        # Both GEMMs and the squares go GEMM_BLOCK rows at a time, so the block's rows and
+        # squares are still in the core's L2 when the second GEMM reads them. Each column's
+        # result does not depend on the split (every block has >= 12 rows, see _chunk_rows).
+        for r0, r1 in blocks:
+            rows = d[r0:r1]
+            torch.mm(lin, rows.t(), out=flat[:, r0:r1])
+            rsq = torch.mul(rows, rows, out=sq[: r1 - r0])
+            flat[4 * bsz :, r0:r1].addmm_(quad, rsq.t())
         # (atoms x docs) layout: each moment is a contiguous (B, rows) slab, so the epilogue
         # and the top-k run on contiguous rows (the (docs x atoms) product was no faster
         # end to end: its strided epilogue and top-k cost more than the GEMM saved).
