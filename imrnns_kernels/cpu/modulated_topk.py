@@ -110,16 +110,20 @@ def _max_chunk(qb: int, modulation: str, item: int) -> int:
     return max(MIN_CHUNK, min(MAX_CHUNK, rows))
 
 
-def _block_bytes(m: int, modulation: str, item: int) -> int:
-    """Bytes per row of a worker's GEMM-block buffers (the diagonal form's squares)."""
-    return m * item if modulation == "diagonal" else 0
+def _block_bytes(m: int, modulation: str, item: int, convert: bool) -> int:
+    """Bytes per row of a worker's GEMM-block buffers (the diagonal form's squares and
+    converted rows)."""
+    if modulation != "diagonal":
+        return 0
+    return (2 if convert else 1) * m * item
 
 
 def _row_bytes(qb: int, m: int, modulation: str, item: int, convert: bool) -> int:
     """Bytes one corpus row of a chunk costs one worker (buffers and per-chunk transients)."""
-    rows = (m if convert else 0) + 6 * qb  # converted rows, (6, qb, chunk) moments
+    rows = 6 * qb  # (6, qb, chunk) moments
     if modulation != "diagonal":
-        rows += m + 6  # y, and the (chunk, 4) + (chunk, 2) moment columns of one query
+        # Converted rows, y, and the (chunk, 4) + (chunk, 2) moment columns of one query.
+        rows += (m if convert else 0) + m + 6
     rows += qb  # the epilogue's mu^2
     # Ill-conditioning flags: a bool mask and two comparison temporaries (and a bool one);
     # flagged pairs are recomputed RESCORE_PIECE_DIV-th of a chunk at a time, each pair
@@ -178,7 +182,7 @@ def plan_workspace(
     convert = corpus_dtype != dtype
     qb = max(1, min(QUERY_BLOCK, batch))
     row = _row_bytes(qb, m, modulation, item, convert)
-    block_row = _block_bytes(m, modulation, item)
+    block_row = _block_bytes(m, modulation, item, convert)
     base = _query_bytes(qb, m, modulation, item) + 2 * batch * k * 12  # + outputs (and cat)
     threads = max(1, torch.get_num_threads() if threads is None else threads)
     min_chunk = max(1, min(MIN_CHUNK, n))
@@ -296,11 +300,13 @@ def _diagonal(
     q_hat = C.normalized_queries(queries, dtype)
     blocks = _gemm_blocks(chunk)
 
+    longest = max(r1 - r0 for r0, r1 in blocks)
+
     def make_state() -> dict:
         return {
             "moments": torch.empty(6, bsz, chunk, dtype=dtype),
-            "squares": torch.empty(max(r1 - r0 for r0, r1 in blocks), m, dtype=dtype),
-            "converted": torch.empty(chunk, m, dtype=dtype) if convert else None,
+            "squares": torch.empty(longest, m, dtype=dtype),
+            "converted": torch.empty(longest, m, dtype=dtype) if convert else None,
             "ill": torch.empty(bsz, chunk, dtype=torch.bool),
             "top": C.StreamingTopK(bsz, k, corpus.device),
         }
@@ -308,16 +314,17 @@ def _diagonal(
     def body(st: dict, i: int) -> None:
         lo, skip = _chunk_rows(n, chunk, i)
         d = corpus[lo : lo + chunk]
-        if st["converted"] is not None:
-            d = st["converted"].copy_(d)
         out = st["moments"]
         flat = out.view(6 * bsz, chunk)
         sq = st["squares"]
-        # Both GEMMs and the squares go GEMM_BLOCK rows at a time, so the block's rows and
-        # squares are still in the core's L2 when the second GEMM reads them. Each column's
-        # result does not depend on the split (every block has >= 12 rows, see _chunk_rows).
+        # Both GEMMs and the squares go GEMM_BLOCK rows at a time, so the block's rows (fp16
+        # or bf16 storage: converted here, block by block) and squares are still in the
+        # core's L2 when the second GEMM reads them. Each column's result does not depend on
+        # the split (every block has >= 12 rows, see _chunk_rows).
         for r0, r1 in blocks:
             rows = d[r0:r1]
+            if convert:
+                rows = st["converted"][: r1 - r0].copy_(rows)
             torch.mm(lin, rows.t(), out=flat[:, r0:r1])
             rsq = torch.mul(rows, rows, out=sq[: r1 - r0])
             flat[4 * bsz :, r0:r1].addmm_(quad, rsq.t())
