@@ -299,7 +299,6 @@ def _diagonal(
     chunk = plan.chunk
     q_hat = C.normalized_queries(queries, dtype)
     blocks = _gemm_blocks(chunk)
-
     longest = max(r1 - r0 for r0, r1 in blocks)
 
     def make_state() -> dict:
