@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import imrnns_kernels as K
 from imrnns import IMRNN, IMRNNConfig
 from imrnns.data import BeirDataset
 from imrnns.evaluate import (
@@ -24,16 +23,7 @@ from imrnns.evaluate import (
     write_per_query,
 )
 
-
-@pytest.fixture(autouse=True)
-def _cpu_backend():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with K.use_backend("cpu"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_backend_one_thread")
 
 
 def _log2(x: float) -> float:

@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import imrnns_kernels as K
 from imrnns.data import load_corpus_fields
 from imrnns.evaluate import EmbeddedSplit
 from imrnns.train import (
@@ -30,20 +29,12 @@ from imrnns.train import (
     train,
     train_from_beir,
 )
-from tests.test_train import SMALL, synthetic_graded
+from tests.test_train import SMALL, check_resume, synthetic_graded
 
 PSEUDO = dataclasses.replace(SMALL, pseudo_queries="title", pseudo_batch=16)
 
 
-@pytest.fixture(autouse=True)
-def _cpu_backend():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with K.use_backend("cpu"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_backend_one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -252,26 +243,7 @@ def test_resume_with_pseudo_queries_matches_an_uninterrupted_run(
 ) -> None:
     cfg = dataclasses.replace(PSEUDO, epochs=3)
     data = prepare_training_data(small_split, cfg, pseudo=_pseudo(small_split))
-    full = train(data, tmp_path / "full", cfg, progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_one(epoch: int, record: dict) -> None:
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(data, tmp_path / "run", cfg, progress=False, callback=kill_after_one)
-    resumed = train(data, tmp_path / "run", cfg, progress=False)
-    assert resumed["resumed_from_epoch"] == 1
-    wa, wb = _weights(tmp_path / "full" / "last/model"), _weights(tmp_path / "run" / "last/model")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
-    # Other pseudo-queries are other data: no resuming across them.
-    other = prepare_training_data(small_split, cfg, pseudo=_pseudo(small_split, seed=2))
-    with pytest.raises(ValueError, match="fingerprint"):
-        train(other, tmp_path / "run", dataclasses.replace(cfg), progress=False)
+    check_resume(data, cfg, tmp_path, 1)
 
 
 def test_train_from_beir_passes_pseudo_queries_to_the_refit(

@@ -34,18 +34,7 @@ from imrnns.train import (
     train_from_beir,
 )
 
-
-@pytest.fixture(autouse=True)
-def _cpu_backend():
-    # One thread: these shapes are tiny, and on a loaded 2-core machine two BLAS threads
-    # per op made the training tests 5x slower (0.85 s vs 4.9 s for one small run).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with K.use_backend("cpu"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_backend_one_thread")
 
 
 def synthetic_graded(
@@ -315,34 +304,48 @@ def test_same_seed_same_checkpoint_with_two_threads(tmp_path: Path) -> None:
     assert not torch.are_deterministic_algorithms_enabled()  # restored after training
 
 
+def check_resume(data, cfg: TrainConfig, root: Path, kill_at: int, before_resume=None) -> dict:
+    """Train ``cfg`` once straight through (``root/full``) and once killed after epoch
+    ``kill_at`` and resumed (``root/run``; ``before_resume(run_dir)`` runs in between); assert
+    identical ``best`` and ``last`` weights and losses. Returns the resumed run's dict."""
+    full = train(data, root / "full", cfg, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch: int, record: dict) -> None:
+        if epoch == kill_at:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(data, root / "run", cfg, progress=False, callback=kill)
+    if before_resume is not None:
+        before_resume(root / "run")
+    resumed = train(data, root / "run", cfg, progress=False)
+    assert resumed["resumed_from_epoch"] == kill_at
+    assert resumed["epochs_completed"] == full["epochs_completed"]
+    for name in ("best", "last/model"):
+        wa, wb = _weights(root / "full" / name), _weights(root / "run" / name)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), (name, key)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    return resumed
+
+
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
 def test_resume_after_interruption_matches_an_uninterrupted_run(
     tmp_path: Path, small_split: EmbeddedSplit, ema_decay: float
 ) -> None:
     cfg = dataclasses.replace(SMALL, epochs=4, ema_decay=ema_decay)
     data = prepare_training_data(small_split, cfg)
-    full = train(data, tmp_path / "full", cfg, progress=False)
 
-    class Killed(Exception):
-        pass
+    def crashed_save(run: Path) -> None:
+        # A crash while writing the next checkpoint leaves only a temporary sibling behind.
+        (run / ".last.crashed.tmp").mkdir()
 
-    def kill_after_two(epoch: int, record: dict) -> None:
-        if epoch == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(data, tmp_path / "run", cfg, progress=False, callback=kill_after_two)
-    # A crash while writing the next checkpoint leaves only a temporary sibling behind.
-    (tmp_path / "run" / ".last.crashed.tmp").mkdir()
-    resumed = train(data, tmp_path / "run", cfg, progress=False)
-    assert resumed["resumed_from_epoch"] == 2
+    resumed = check_resume(data, cfg, tmp_path, 2, crashed_save)
     assert resumed["epochs_completed"] == 4
-    for name in ("best", "last/model"):
-        wa, wb = _weights(tmp_path / "full" / name), _weights(tmp_path / "run" / name)
-        assert wa.keys() == wb.keys()
-        for key in wa:
-            assert torch.equal(wa[key], wb[key]), (name, key)
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     # A finished run is not trained again.
     again = train(data, tmp_path / "run", cfg, progress=False)
     assert again["resumed_from_epoch"] == 4 and again["history"] == resumed["history"]
