@@ -23,9 +23,9 @@ def _log(msg: str) -> None:
 
 
 def _encoder(name: str, cache: str | None, quiet: bool = False) -> Any:
-    from imrnns.encoders import Encoder, default_cache_dir
+    from imrnns.encoders import resolve_encoder
 
-    return Encoder(name, cache_dir=cache or default_cache_dir(), show_progress=not quiet)
+    return resolve_encoder(name, cache or None, show_progress=not quiet)
 
 
 def _emit(payload: dict[str, Any], as_json: bool, text: str) -> None:

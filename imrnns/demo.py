@@ -37,12 +37,12 @@ def run_demo(
     """Run the demo; return (JSON-ready payload, human-readable report)."""
     from imrnns import IMRNN, IMRNNIndex
     from imrnns.cli import default_adapter
-    from imrnns.encoders import Encoder, default_cache_dir
+    from imrnns.encoders import resolve_encoder
 
     test = load_beir(scifact_path(), "test")
     train = load_beir(scifact_path(), "train")
     seen, unseen = seen_doc_split(train.qrels, test.qrels)
-    enc = Encoder(encoder, cache_dir=cache_dir or default_cache_dir(), show_progress=show_progress)
+    enc = resolve_encoder(encoder, cache_dir or None, show_progress)
     t0 = time.perf_counter()
     docs = enc.encode_document(test.corpus_texts)
     queries = enc.encode_query(test.query_texts)

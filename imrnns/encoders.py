@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["EmbeddingCache", "Encoder", "default_cache_dir"]
+__all__ = ["EmbeddingCache", "Encoder", "default_cache_dir", "resolve_encoder"]
 
 _ROLES = ("query", "document")
 _POOLINGS = ("mean", "cls")
@@ -644,3 +644,16 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}: {t!r:.80}")
     return items
+
+
+def resolve_encoder(
+    encoder: Encoder | str | Path,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> Encoder:
+    """``encoder`` itself when it is an :class:`Encoder`, else ``Encoder(name or folder)``
+    with ``cache_dir`` (None: :func:`default_cache_dir`)."""
+    if isinstance(encoder, Encoder):
+        return encoder
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    return Encoder(str(encoder), cache_dir=cache, show_progress=show_progress)

@@ -112,15 +112,10 @@ def embed_beir(
             a second run re-encodes nothing.
         show_progress: progress bars while encoding.
     """
-    from imrnns.encoders import Encoder, default_cache_dir
+    from imrnns.encoders import resolve_encoder
 
     dataset = data if isinstance(data, BeirDataset) else load_beir(data, split)
-    if not isinstance(encoder, Encoder):
-        encoder = Encoder(
-            str(encoder),
-            cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
-            show_progress=show_progress,
-        )
+    encoder = resolve_encoder(encoder, cache_dir, show_progress)
     corpus = encoder.encode_document(dataset.corpus_texts)
     queries = encoder.encode_query(dataset.query_texts)
     return EmbeddedSplit(dataset, corpus, queries, encoder=encoder.fingerprint)

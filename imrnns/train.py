@@ -465,18 +465,12 @@ def build_pseudo_queries(
         cache_dir: embedding cache folder (default: ``$IMRNNS_CACHE`` or the user cache).
         show_progress: progress bar while encoding.
     """
-    from imrnns.encoders import Encoder, default_cache_dir
+    from imrnns.encoders import resolve_encoder
 
     ids, queries = pseudo_query_texts(*load_corpus_fields(data_dir), source)
     if not ids:
         raise ValueError(f"the corpus of {data_dir} has no non-empty {source} pseudo-query")
-    if not isinstance(encoder, Encoder):
-        encoder = Encoder(
-            str(encoder),
-            cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
-            show_progress=show_progress,
-        )
-    emb = encoder.encode_query(queries)
+    emb = resolve_encoder(encoder, cache_dir, show_progress).encode_query(queries)
     return PseudoQueries(source, ids, queries, np.ascontiguousarray(emb, dtype=np.float32))
 
 
@@ -1363,6 +1357,12 @@ def train_from_beir(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
         config = dataclasses.replace(config, **overrides)
+    needs_encoder = embedded is None or (config.pseudo_queries and pseudo is None)
+    if needs_encoder:
+        from imrnns.encoders import resolve_encoder
+
+        # One Encoder for the split and the pseudo-queries: its model loads at most once.
+        encoder = resolve_encoder(encoder, cache_dir, progress)
     if embedded is None:
         embedded = embed_beir(
             data_dir, split, encoder=encoder, cache_dir=cache_dir, show_progress=progress
