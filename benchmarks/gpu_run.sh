@@ -5,18 +5,24 @@
 #
 # 1. compiles the Triton kernels for real (TRITON_INTERPRET unset) and checks every op
 #    against the reference on the GPU (benchmarks/gpu_check.py); wrong results stop here,
-#    before any timing (exit 1);
-# 2. runs the scaling sweep (python -m benchmarks.scaling --device cuda): N = 1e4 .. 1e8
+#    before any timing (exit 1); then the CUDA-only unit tests (compiled kernels vs the
+#    float64 reference, tests/test_adapter_reduce.py -k compiled);
+# 2. benchmarks/gpu_tune.py: the floors (copy, plain read), the scoring kernels alone under a
+#    few block shapes and the whole exhaustive call at N = 1e7, m = 256, bf16 (prints only);
+# 3. runs the scaling sweep (python -m benchmarks.scaling --device cuda): N = 1e4 .. 1e8
 #    as memory allows, B = 1/32/256, k = 100, both modulations, exhaustive and rerank, every
 #    provider, bf16 storage; the sweep re-checks each provider against the reference first
 #    and aborts on a wrong fused result; it stops starting new points at a deadline so the
 #    whole script ends in time (skipped points are recorded as such);
-# 3. prints the Markdown table, the target ratios and the one-query memory-floor ratio at
+# 4. the GPU pytest-benchmarks (exhaustive and rerank scoring, adapter FLOP/s against the
+#    card's peak, the exhaustive search's device-memory budget), JSON saved;
+# 5. prints the Markdown table, the target ratios and the one-query memory-floor ratio at
 #    N = 1e7 (target <= 1.5x), and validates the JSON against the schema when jsonschema is
 #    installed.
 #
 # Results: $OUT (set by the device runner) or benchmarks/results, as
-# gpu-<card>.{json,md,png} plus gpu_check.log and sweep.log.
+# gpu-<card>.{json,md,png}, bench-gpu.json and the logs gpu_check.log, pytest.log, tune.log,
+# sweep.log (8 files: the device runner brings back at most 8).
 # Environment: PYTHON (default python3), TOTAL_S (default 570: seconds for the whole script).
 set -uo pipefail
 
@@ -53,7 +59,7 @@ for name in ("triton", "numpy", "safetensors", "matplotlib"):
         sys.exit(f"{name} is required")
 EOF
 
-echo "== 1/3 compile + check the kernels against the reference"
+echo "== 1 compile + check the kernels against the reference"
 timeout 200 "$PY" benchmarks/gpu_check.py 2>&1 | tee "$OUT_DIR/gpu_check.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" -eq 1 ]; then
@@ -66,14 +72,25 @@ elif [ "$rc" -ne 0 ]; then
     exit "$rc"
 fi
 
-left=$((TOTAL_S - SECONDS))
+echo "== 1b compiled-kernel unit tests"
+TRITON_INTERPRET=0 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_adapter_reduce.py \
+    -k compiled 2>&1 | tee "$OUT_DIR/pytest.log"
+echo "(unit tests exit ${PIPESTATUS[0]})"
+
+echo "== 2 where the time goes, block shapes (N=1e7, bf16)"
+timeout 100 "$PY" benchmarks/gpu_tune.py 2>&1 | tee "$OUT_DIR/tune.log"
+echo "(gpu_tune exit ${PIPESTATUS[0]})"
+
+# The pytest-benchmarks run after the sweep and get what it leaves, at least BENCH_S seconds.
+BENCH_S="${BENCH_S:-110}"
+left=$((TOTAL_S - SECONDS - BENCH_S))
 # A point in progress can outlast the deadline by about one per-point budget per provider.
 deadline=$((left - 100))
 if [ "$deadline" -lt 60 ]; then
     echo "ABORT: only ${left} s left for the sweep"
     exit 3
 fi
-echo "== 2/3 sweep (deadline ${deadline} s, hard limit $((left - 15)) s)"
+echo "== 3 sweep (deadline ${deadline} s, hard limit $((left - 15)) s)"
 timeout "$((left - 15))" "$PY" -m benchmarks.scaling --device cuda --deadline-s "$deadline" \
     --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/sweep.log"
 rc=${PIPESTATUS[0]}
@@ -81,7 +98,17 @@ if [ "$rc" -ne 0 ]; then
     echo "sweep exited with $rc (1: wrong results, aborted; 124: killed at the time limit)"
 fi
 
-echo "== 3/3 results"
+left=$((TOTAL_S - SECONDS - 20))
+echo "== 4 GPU pytest-benchmarks (${left} s)"
+if [ "$left" -gt 30 ]; then
+    timeout "$left" "$PY" -m pytest -q -s -p no:cacheprovider --benchmark-only \
+        --benchmark-json="$OUT_DIR/bench-gpu.json" -k "gpu or cuda" \
+        benchmarks/test_bench_scoring.py benchmarks/test_bench_adapter.py \
+        benchmarks/test_bench_memory.py 2>&1 | tee -a "$OUT_DIR/pytest.log"
+    echo "(pytest-benchmark exit ${PIPESTATUS[0]})"
+fi
+
+echo "== 5 results"
 "$PY" - "$OUT_DIR" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])

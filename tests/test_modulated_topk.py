@@ -144,6 +144,13 @@ def test_topk_machinery_breaks_exact_ties_by_lower_id():
     for start in range(0, 30, 10):
         top.add(flat[:, start : start + 10], start)
     assert top.result()[1].tolist() == [[25, 0]]
+    # -inf columns (pairs a kernel dropped) never enter, in the first chunk or a later one
+    top = C.StreamingTopK(1, 4, torch.device("cpu"))
+    top.add(torch.tensor([[float("-inf"), 0.2, float("-inf")]]), 0)
+    top.add(torch.tensor([[float("-inf"), 0.4]]), 3)
+    s, i = top.result()
+    assert i.tolist() == [[4, 1, -1, -1]]
+    assert s[0, :2].tolist() == pytest.approx([0.4, 0.2]) and bool(torch.isneginf(s[0, 2:]).all())
 
 
 def test_diagonal_algebra_matches_float64_reference_closely():
@@ -217,3 +224,31 @@ def test_rows_with_a_large_common_offset(backend, b):
     with K.use_backend(backend):
         scores, ids = K.modulated_topk(x.corpus, *x[1:], k=k, modulation="diagonal")
     _check_topk(scores, ids, _all_scores(x, "diagonal"), k)
+
+
+@pytest.mark.parametrize("kernel", triton_topk.DOT_KERNELS)
+@pytest.mark.parametrize(("b", "m"), [(5, 50), (37, 113), (16, 256)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dot_kernels_match_reference(monkeypatch, kernel, b, m, dtype):
+    """Both tensor-core kernels (wide: two dots per slice, split back into the six moments;
+    narrow: eight dots), with query blocks that are partial (5, 37) and full (16), against
+    the float64 scores; also the compiled block shapes (small tiles, 2 stages) run through the
+    interpreter, so the masks of their partial tiles are exercised."""
+    monkeypatch.setattr(triton_topk, "DOT_KERNEL", kernel)
+    n, k = 1000 + 17, 30
+    x = scoring_inputs(b, n, m, "diagonal", dtype=dtype)
+    with K.use_backend("triton"):
+        scores, ids = K.modulated_topk(x.corpus, *x[1:], k=k, modulation="diagonal")
+    _check_topk(scores, ids, _all_scores(x, "diagonal"), k)
+    # The compiled shapes: the whole corpus in one launch, against the default launch.
+    atoms = C.diagonal_atoms(x.transform, x.ln_weight, x.ln_bias, x.queries, torch.float32)
+    lin, quad = triton_topk.dot_operands(atoms, kernel)
+    out = torch.empty(b, n)
+    ill = torch.zeros(1, dtype=torch.int32)
+    blocks = triton_topk._diag_blocks(m, b, compiled=True, kernel=kernel)
+    args = (x.corpus, lin, quad, atoms.consts.contiguous(), out, ill, 0, n, 1e-5, kernel)
+    triton_topk._diag_chunk(*args, blocks=blocks)
+    got = out.clone()
+    triton_topk._diag_chunk(*args)
+    assert_close(got, out, torch.float32)
+    assert int(ill.item()) == 0

@@ -456,12 +456,22 @@ class StreamingTopK:
         self.k = k
         self.scores = torch.full((batch, k), float("-inf"), dtype=torch.float32, device=device)
         self.ids = torch.full((batch, k), -1, dtype=torch.int64, device=device)
+        self.empty = True
 
     def add(self, chunk_scores: torch.Tensor, offset: int) -> None:
         """Merge columns ``offset ..`` (higher than every column added before)."""
         # Select on the float32 values that are returned: float64 scores of identical rows
         # can differ in their last bits and would then not tie (and go lower id first).
         chunk_scores = chunk_scores.float()
+        if self.empty:
+            # Nothing held yet: every column is a candidate, so the survivor filter below
+            # would only cost passes and host syncs (a one-chunk search is all first chunk).
+            self.empty = False
+            vals, idx = chunk_topk(chunk_scores, self.k)
+            # A -inf column never enters (as below, where only scores above -inf survive).
+            idx = torch.where(torch.isneginf(vals), -1, idx + offset)
+            self.scores, self.ids = merge_topk(vals, idx, self.k)
+            return
         # Only scores strictly above the current k-th best can enter: an equal score loses the
         # tie to the lower id already held. After the first chunks almost nothing passes
         # (about k ln(N/k) survivors per query over a whole scan), so a compare and a nonzero

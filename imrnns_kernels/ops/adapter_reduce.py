@@ -379,9 +379,10 @@ def _hidden(
         block_r, block_m = _pow2(k if reduce else b * k, hi=128), _pow2(m, hi=256)
         num_warps = 4
     else:
-        # (64, 128) fp32 accumulator plus the (128, 64) W2^T tile held for the whole program:
-        # 8 warps keep them in registers (untimed: no GPU in this session).
-        block_r, block_m, num_warps = 64, 64, 8
+        # (32, 128) fp32 accumulator plus the (128, 64) W2^T tile held for the whole program,
+        # 8 warps: sm_90 ptxas (Triton 3.6, offline) reports at most 8 bytes of stack; 64-row
+        # blocks spilled 0.5-2.5 KB per thread.
+        block_r, block_m, num_warps = 32, 64, 8
     out = torch.empty(b if reduce else b * k, h2, dtype=torch.float32, device=corpus.device)
     grid = (b,) if reduce else (triton.cdiv(b * k, block_r),)
     _hidden_kernel[grid](
@@ -406,14 +407,16 @@ def _linear_act(
     if _interpreting():
         block_r, block_o = _pow2(r, hi=128), _pow2(n_out, hi=8192)
     else:
-        block_r, block_o = _pow2(r, hi=64), 128
+        # (32, 64) output tiles at 8 warps: no spill (sm_90 ptxas, offline); (64, 128) tiles
+        # spilled up to 10 KB per thread with the diagonal activation.
+        block_r, block_o = _pow2(r, hi=32), 64
     grid = (triton.cdiv(r, block_r), triton.cdiv(n_out, block_o))
     _linear_act_kernel[grid](
         h, w.w3, w.b3, out,
         r, m, n_out, h2,
         h.stride(0), w.w3.stride(0), out.stride(0),
         DIAGONAL=diagonal, BLOCK_R=block_r, BLOCK_O=block_o, BLOCK_H2=_pow2(h2),
-        DOT_PRECISION=_DOT_PRECISION, num_warps=4,
+        DOT_PRECISION=_DOT_PRECISION, num_warps=4 if _interpreting() else 8,
     )  # fmt: skip
     return out
 
@@ -461,6 +464,7 @@ def adapter_reduce_forward(
     if _interpreting():
         block_k, block_o = _pow2(k, hi=128), _pow2(n_out, hi=1024)
     else:
+        # 8 warps: no spill (sm_90 ptxas, offline); 4 warps spilled 16 bytes per thread.
         block_k, block_o = 32, 128
     grid = (b, triton.cdiv(n_out, block_o))
     _diag_reduce_kernel[grid](
@@ -468,7 +472,7 @@ def adapter_reduce_forward(
         k, m, n_out, h2, 1.0 / k,
         h.stride(0), w.w3.stride(0), out.stride(0),
         HAS_WEIGHTS=wn is not None, BLOCK_K=block_k, BLOCK_O=block_o, BLOCK_H2=_pow2(h2),
-        DOT_PRECISION=_DOT_PRECISION, num_warps=4,
+        DOT_PRECISION=_DOT_PRECISION, num_warps=4 if _interpreting() else 8,
     )  # fmt: skip
     return out, None
 

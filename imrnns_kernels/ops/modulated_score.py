@@ -484,8 +484,9 @@ def modulated_score_forward(
         transform = transform.contiguous()
         queries = queries.contiguous()
         block_m = _pow2(m)
-        # Whole rows in registers: cap BLOCK_K * BLOCK_M at 8192 fp32 values per program.
-        block_k = max(16, min(_pow2(kk), 8192 // block_m)) if not interpreting() else 64
+        # Whole rows in registers: cap BLOCK_K * BLOCK_M at 8192 fp32 values per program and
+        # BLOCK_K at 64 (sm_90 ptxas, offline: 128 x 64 tiles spilled 48-80 bytes per thread).
+        block_k = max(16, min(_pow2(kk), 8192 // block_m, 64)) if not interpreting() else 64
         grid = (bsz, triton.cdiv(kk, block_k))
         _score_fwd_diag_kernel[grid](
             corpus,

@@ -1,0 +1,203 @@
+"""Where the exhaustive GPU search spends its time, and which block shapes are fastest.
+
+Run by ``benchmarks/gpu_run.sh`` after the correctness check (``benchmarks/gpu_check.py``)
+and before the sweep; it prints, it changes nothing. At N = 10^7, m = 256, bf16 storage, k =
+100 (the issue's GPU target shape) it times, with ``triton.testing.do_bench`` (median):
+
+1. the floors: a device-to-device copy of the corpus bytes (read + write counted, as the
+   sweep's bandwidth) and a plain read (``corpus.sum``);
+2. the scoring kernels alone (no top-k) for B = 1 (row kernel) and B = 32 (both dot kernels,
+   wide and narrow) under a few block shapes, the shipped one first, each checked against
+   the shipped one's scores;
+3. the whole ``modulated_topk`` call for B = 1 .. 256, and with the row/dot switch
+   (:data:`imrnns_kernels.ops.modulated_topk.SMALL_BATCH`) and the dot kernel forced either
+   way, so the top-k's share and both choices are visible.
+
+Every measurement is independent: one that fails prints its error and the rest go on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--interpret-smoke``: the same steps on CPU through Triton's interpreter at N = 2000,
+    timed with a wall clock (needs TRITON_INTERPRET=1): tests this script without a GPU."""
+    argv = sys.argv[1:] if argv is None else argv
+    smoke = "--interpret-smoke" in argv
+    if smoke != (os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        print("gpu_tune: --interpret-smoke goes with TRITON_INTERPRET=1, and only it")
+        return 2
+    import time
+
+    import torch
+    import triton
+
+    if not smoke and not torch.cuda.is_available():
+        print("gpu_tune: no CUDA GPU")
+        return 2
+    import imrnns_kernels as K
+    from imrnns.bench import make_model, unit_rows
+    from imrnns_kernels.ops import _scoring_common as C
+    from imrnns_kernels.ops import modulated_topk as T
+
+    n, m, k = (2000 if smoke else 10_000_000), 256, 100
+    dev = torch.device("cpu" if smoke else "cuda")
+    corpus = unit_rows(n, m, torch.bfloat16, dev.type, 1)
+    nbytes = corpus.numel() * corpus.element_size()
+    model = make_model(m, "diagonal", 0, dev.type)
+    ln_w, ln_b = model.doc_norm.weight.detach(), model.doc_norm.bias.detach()
+    where = "Triton interpreter on CPU" if smoke else torch.cuda.get_device_name(0)
+    print(f"gpu_tune: {where}, N={n:.0e}, m={m}, bf16 "
+          f"({nbytes / 1e9:.2f} GB), triton {triton.__version__}", flush=True)  # fmt: skip
+
+    def ms(fn: Callable[[], object]) -> float:
+        if smoke:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=5, rep=40, return_mode="median"))
+
+    def report(name: str, fn: Callable[[], object], floor_ms: float | None = None) -> float | None:
+        try:
+            t = ms(fn)
+        except Exception as exc:  # keep going: every line is independent
+            print(f"  {name}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            traceback.print_exc(limit=2)
+            return None
+        extra = f" = {t / floor_ms:.2f}x the copy floor" if floor_ms else ""
+        print(f"  {name}: {t:.3f} ms, {nbytes / t / 1e6:.0f} GB/s of corpus{extra}", flush=True)
+        return t
+
+    # 1. floors
+    print("floors:", flush=True)
+    copy_ms = _copy_ms(corpus, ms)  # its destination is freed on return
+    floor = copy_ms / 2  # the sweep's floor: corpus bytes at the copy's (read + write) rate
+    print(f"  copy: {copy_ms:.3f} ms, {2 * nbytes / copy_ms / 1e6:.0f} GB/s read + write; "
+          f"one read at that rate: {floor:.3f} ms", flush=True)  # fmt: skip
+    report("corpus.sum (a plain read)", lambda: corpus.sum(dtype=torch.float32), floor)
+
+    def queries(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = unit_rows(b, m, torch.float32, dev.type, 2 + b)
+        with torch.no_grad():
+            pq = model.project(q)
+            tq = model.query_transform(pq)
+            return tq.float().contiguous(), pq.float().contiguous()
+
+    # 2a. row kernel, B = 1
+    print("row kernel (B=1), scores only:", flush=True)
+    tq, q = queries(1)
+    out = torch.empty(1, n, dtype=torch.float32, device=dev)
+    lw, lb = ln_w.float().contiguous(), ln_b.float().contiguous()
+
+    def rows_launch(block_n: int, warps: int, dst: torch.Tensor) -> None:
+        T._diag_rows_kernel[(triton.cdiv(n, block_n),)](
+            corpus, tq, lw, lb, q, dst, n, 0, m, 1,
+            corpus.stride(0), tq.stride(0), q.stride(0), dst.stride(0), 1e-5,
+            BLOCK_N=block_n, BLOCK_M=256, num_warps=warps,
+        )  # fmt: skip
+
+    shipped = T._rows_blocks(m, compiled=True)
+    rows_launch(shipped[0], shipped[2], out)
+    want = out.clone()
+    alternatives = [(16, 4), (8, 2), (32, 8), (64, 4), (64, 8)]
+    rows_cfgs = [(shipped[0], shipped[2])] + [
+        c for c in alternatives if c[0] != shipped[0] or c[1] != shipped[2]
+    ]
+    for block_n, warps in rows_cfgs:
+        try:
+            rows_launch(block_n, warps, out)
+            ok = torch.equal(out, want)
+        except Exception as exc:
+            print(f"  BLOCK_N={block_n} warps={warps}: FAILED {exc}", flush=True)
+            continue
+        tag = " (shipped)" if (block_n, warps) == (shipped[0], shipped[2]) else ""
+        report(f"BLOCK_N={block_n:3d} warps={warps}{tag}{'' if ok else ' MISMATCH'}",
+               lambda bn=block_n, w=warps: rows_launch(bn, w, out), floor)  # fmt: skip
+    report("torch.topk(k=100) of the (1, N) scores", lambda: torch.topk(want, k, dim=1), floor)
+    report("chunk_topk (topk + tie check) of them", lambda: C.chunk_topk(want, k), floor)
+
+    # 2b. the dot kernels, B = 32
+    print("dot kernels (B=32), scores only, whole corpus in chunks of the shipped size:",
+          flush=True)  # fmt: skip
+    b = 32
+    tq, q = queries(b)
+    atoms = C.diagonal_atoms(tq, ln_w, ln_b, q, torch.float32)
+    consts = atoms.consts.contiguous()
+    operands = {kern: T.dot_operands(atoms, kern) for kern in T.DOT_KERNELS}
+    chunk = min(n, max(1024, T.SCORE_BUFFER_BYTES // (4 * b)))
+    out = torch.empty(b, chunk, dtype=torch.float32, device=dev)
+    ill = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    def dot_all(kern: str, cfg: tuple[int, int, int, int, int] | None, rows: int = n) -> None:
+        for start in range(0, rows, chunk):
+            T._diag_chunk(corpus, *operands[kern], consts, out, ill, start,
+                          min(chunk, rows - start), 1e-5, kern, cfg)  # fmt: skip
+
+    dot_all("narrow", None, chunk)
+    want = out.clone()
+    variants = {
+        "narrow": [T._diag_blocks(m, b, True, "narrow"), (64, 32, 16, 8, 3), (64, 32, 16, 4, 3)],
+        "wide": [T._diag_blocks(m, b, True, "wide"), (64, 32, 32, 8, 2), (32, 32, 32, 4, 2),
+                 (64, 16, 32, 8, 2), (128, 16, 16, 8, 3)],
+    }  # fmt: skip
+    for kern, cfgs in variants.items():
+        for i, cfg in enumerate(cfgs):
+            try:
+                dot_all(kern, cfg, chunk)
+                err = float((out - want).abs().max())
+            except Exception as exc:
+                print(f"  {kern} {cfg}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
+            tag = " (shipped)" if i == 0 else ""
+            report(f"{kern} (BLOCK_N, BLOCK_B, BLOCK_I, warps, stages)={cfg}{tag} "
+                   f"max|diff|={err:.1e}", lambda kk=kern, c=cfg: dot_all(kk, c), floor)  # fmt: skip
+    print(f"  ill-conditioned pairs flagged: {int(ill.item())}", flush=True)
+
+    # 3. whole calls
+    print(f"modulated_topk end to end (fused backend; DOT_KERNEL={T.DOT_KERNEL}, "
+          f"SMALL_BATCH={T.SMALL_BATCH}):", flush=True)  # fmt: skip
+    shipped_small, shipped_kernel = T.SMALL_BATCH, T.DOT_KERNEL
+    cases = [(b, "", shipped_small, shipped_kernel) for b in (1, 2, 4, 8, 16, 32, 64, 256)]
+    cases += [
+        (2, " dot kernel", 1, shipped_kernel),
+        (4, " dot kernel", 1, shipped_kernel),
+        (8, " row kernel", 8, shipped_kernel),
+        (16, " row kernel", 16, shipped_kernel),
+    ]
+    other = "narrow" if shipped_kernel == "wide" else "wide"
+    cases += [(b, f" {other}", shipped_small, other) for b in (32, 256)]  # fmt: skip
+    for b, label, small, kern in cases:
+        tq, q = queries(b)
+        T.SMALL_BATCH, T.DOT_KERNEL = small, kern
+        try:
+            with K.use_backend("triton"):
+                report(f"B={b:3d}{label}",
+                       lambda t=tq, qq=q: K.modulated_topk(corpus, t, ln_w, ln_b, qq, k),
+                       floor)  # fmt: skip
+        finally:
+            T.SMALL_BATCH, T.DOT_KERNEL = shipped_small, shipped_kernel
+    return 0
+
+
+def _copy_ms(corpus: object, ms: Callable[[Callable[[], object]], float]) -> float:
+    import torch
+
+    assert isinstance(corpus, torch.Tensor)
+    dst = torch.empty_like(corpus)
+    return ms(lambda: dst.copy_(corpus))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
