@@ -5,18 +5,19 @@
 #
 # 1. compiles the Triton kernels for real (TRITON_INTERPRET unset) and checks every op
 #    against the reference on the GPU (benchmarks/gpu_check.py); wrong results stop here,
-#    before any timing (exit 1); then the CUDA-only unit tests (compiled kernels vs the
-#    float64 reference, tests/test_adapter_reduce.py -k compiled);
-# 2. benchmarks/gpu_tune.py: the floors (copy, plain read), the scoring kernels alone under a
-#    few block shapes and the whole exhaustive call at N = 1e7, m = 256, bf16 (prints only);
-# 3. runs the scaling sweep (python -m benchmarks.scaling --device cuda): N = 1e4 .. 1e8
+#    before any timing (exit 1);
+# 2. runs the scaling sweep (python -m benchmarks.scaling --device cuda): N = 1e4 .. 1e8
 #    as memory allows, B = 1/32/256, k = 100, both modulations, exhaustive and rerank, every
 #    provider, bf16 storage; the sweep re-checks each provider against the reference first
-#    and aborts on a wrong fused result; it stops starting new points at a deadline so the
-#    whole script ends in time (skipped points are recorded as such);
+#    and aborts on a wrong fused result; it stops starting new points at a deadline that
+#    leaves the later steps their time (skipped points are recorded as such);
+# 3. benchmarks/gpu_tune.py: the floors (copy, plain read), the scoring kernels alone under a
+#    few block shapes and whole exhaustive calls at N = 1e7, m = 256, bf16 (prints only);
 # 4. the GPU pytest-benchmarks (exhaustive and rerank scoring, adapter FLOP/s against the
 #    card's peak, the exhaustive search's device-memory budget), JSON saved;
-# 5. prints the Markdown table, the target ratios and the one-query memory-floor ratio at
+# 5. the CUDA-only unit tests (compiled kernels vs the float64 reference,
+#    tests/test_adapter_reduce.py -k compiled);
+# 6. prints the Markdown table, the target ratios and the one-query memory-floor ratio at
 #    N = 1e7 (target <= 1.5x), and validates the JSON against the schema when jsonschema is
 #    installed.
 #
@@ -72,25 +73,18 @@ elif [ "$rc" -ne 0 ]; then
     exit "$rc"
 fi
 
-echo "== 1b compiled-kernel unit tests"
-TRITON_INTERPRET=0 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_adapter_reduce.py \
-    -k compiled 2>&1 | tee "$OUT_DIR/pytest.log"
-echo "(unit tests exit ${PIPESTATUS[0]})"
-
-echo "== 2 where the time goes, block shapes (N=1e7, bf16)"
-timeout 100 "$PY" benchmarks/gpu_tune.py 2>&1 | tee "$OUT_DIR/tune.log"
-echo "(gpu_tune exit ${PIPESTATUS[0]})"
-
-# The pytest-benchmarks run after the sweep and get what it leaves, at least BENCH_S seconds.
-BENCH_S="${BENCH_S:-110}"
-left=$((TOTAL_S - SECONDS - BENCH_S))
+# What runs after the sweep, in seconds: gpu_tune, the pytest-benchmarks, the unit tests.
+TUNE_S=100
+BENCH_S=90
+UNIT_S=80
+left=$((TOTAL_S - SECONDS - TUNE_S - BENCH_S - UNIT_S))
 # A point in progress can outlast the deadline by about one per-point budget per provider.
 deadline=$((left - 100))
 if [ "$deadline" -lt 60 ]; then
-    echo "ABORT: only ${left} s left for the sweep"
+    echo "ABORT: only ${left} s left for the sweep (TOTAL_S=${TOTAL_S})"
     exit 3
 fi
-echo "== 3 sweep (deadline ${deadline} s, hard limit $((left - 15)) s)"
+echo "== 2 sweep (deadline ${deadline} s, hard limit $((left - 15)) s)"
 timeout "$((left - 15))" "$PY" -m benchmarks.scaling --device cuda --deadline-s "$deadline" \
     --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/sweep.log"
 rc=${PIPESTATUS[0]}
@@ -98,17 +92,23 @@ if [ "$rc" -ne 0 ]; then
     echo "sweep exited with $rc (1: wrong results, aborted; 124: killed at the time limit)"
 fi
 
-left=$((TOTAL_S - SECONDS - 20))
-echo "== 4 GPU pytest-benchmarks (${left} s)"
-if [ "$left" -gt 30 ]; then
-    timeout "$left" "$PY" -m pytest -q -s -p no:cacheprovider --benchmark-only \
-        --benchmark-json="$OUT_DIR/bench-gpu.json" -k "gpu or cuda" \
-        benchmarks/test_bench_scoring.py benchmarks/test_bench_adapter.py \
-        benchmarks/test_bench_memory.py 2>&1 | tee -a "$OUT_DIR/pytest.log"
-    echo "(pytest-benchmark exit ${PIPESTATUS[0]})"
-fi
+echo "== 3 where the time goes, block shapes (N=1e7, bf16)"
+timeout "$TUNE_S" "$PY" benchmarks/gpu_tune.py 2>&1 | tee "$OUT_DIR/tune.log"
+echo "(gpu_tune exit ${PIPESTATUS[0]})"
 
-echo "== 5 results"
+echo "== 4 GPU pytest-benchmarks"
+timeout "$BENCH_S" "$PY" -m pytest -q -s -p no:cacheprovider --benchmark-only \
+    --benchmark-json="$OUT_DIR/bench-gpu.json" -k "gpu or cuda" \
+    benchmarks/test_bench_scoring.py benchmarks/test_bench_adapter.py \
+    benchmarks/test_bench_memory.py 2>&1 | tee "$OUT_DIR/pytest.log"
+echo "(pytest-benchmark exit ${PIPESTATUS[0]})"
+
+echo "== 5 compiled-kernel unit tests"
+TRITON_INTERPRET=0 timeout "$UNIT_S" "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_adapter_reduce.py -k compiled 2>&1 | tee -a "$OUT_DIR/pytest.log"
+echo "(unit tests exit ${PIPESTATUS[0]})"
+
+echo "== 6 results"
 "$PY" - "$OUT_DIR" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])

@@ -6,12 +6,12 @@ and before the sweep; it prints, it changes nothing. At N = 10^7, m = 256, bf16 
 
 1. the floors: a device-to-device copy of the corpus bytes (read + write counted, as the
    sweep's bandwidth) and a plain read (``corpus.sum``);
-2. the scoring kernels alone (no top-k) for B = 1 (row kernel) and B = 32 (both dot kernels,
-   wide and narrow) under a few block shapes, the shipped one first, each checked against
-   the shipped one's scores;
+2. the scoring kernels alone (no top-k) for B = 1 (row kernel) and B = 32 (dot kernel)
+   under a few block shapes, the shipped one first, each checked against the shipped one's
+   scores;
 3. the whole ``modulated_topk`` call for B = 1 .. 256, and with the row/dot switch
-   (:data:`imrnns_kernels.ops.modulated_topk.SMALL_BATCH`) and the dot kernel forced either
-   way, so the top-k's share and both choices are visible.
+   (:data:`imrnns_kernels.ops.modulated_topk.SMALL_BATCH`) forced either way, so the
+   top-k's share and the switch point are visible.
 
 Every measurement is independent: one that fails prints its error and the rest go on.
 """
@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``--interpret-smoke``: the same steps on CPU through Triton's interpreter at N = 2000,
+    """``--interpret-smoke``: the same steps on CPU through Triton's interpreter at N = 500,
     timed with a wall clock (needs TRITON_INTERPRET=1): tests this script without a GPU."""
     argv = sys.argv[1:] if argv is None else argv
     smoke = "--interpret-smoke" in argv
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from imrnns_kernels.ops import _scoring_common as C
     from imrnns_kernels.ops import modulated_topk as T
 
-    n, m, k = (2000 if smoke else 10_000_000), 256, 100
+    n, m, k = (500 if smoke else 10_000_000), 256, 100
     dev = torch.device("cpu" if smoke else "cuda")
     corpus = unit_rows(n, m, torch.bfloat16, dev.type, 1)
     nbytes = corpus.numel() * corpus.element_size()
@@ -128,66 +128,55 @@ def main(argv: list[str] | None = None) -> int:
     report("torch.topk(k=100) of the (1, N) scores", lambda: torch.topk(want, k, dim=1), floor)
     report("chunk_topk (topk + tie check) of them", lambda: C.chunk_topk(want, k), floor)
 
-    # 2b. the dot kernels, B = 32
-    print("dot kernels (B=32), scores only, whole corpus in chunks of the shipped size:",
+    # 2b. the dot kernel, B = 32
+    print("dot kernel (B=32), scores only, whole corpus in chunks of the shipped size:",
           flush=True)  # fmt: skip
     b = 32
     tq, q = queries(b)
     atoms = C.diagonal_atoms(tq, ln_w, ln_b, q, torch.float32)
     consts = atoms.consts.contiguous()
-    operands = {kern: T.dot_operands(atoms, kern) for kern in T.DOT_KERNELS}
+    lin, quad = T.dot_operands(atoms)
     chunk = min(n, max(1024, T.SCORE_BUFFER_BYTES // (4 * b)))
     out = torch.empty(b, chunk, dtype=torch.float32, device=dev)
     ill = torch.zeros(1, dtype=torch.int32, device=dev)
 
-    def dot_all(kern: str, cfg: tuple[int, int, int, int, int] | None, rows: int = n) -> None:
+    def dot_all(cfg: tuple[int, int, int, int, int] | None, rows: int = n) -> None:
         for start in range(0, rows, chunk):
-            T._diag_chunk(corpus, *operands[kern], consts, out, ill, start,
-                          min(chunk, rows - start), 1e-5, kern, cfg)  # fmt: skip
+            T._diag_chunk(corpus, lin, quad, consts, out, ill, start, min(chunk, rows - start),
+                          1e-5, cfg)  # fmt: skip
 
-    dot_all("narrow", None, chunk)
+    shipped_dot = T._diag_blocks(m, b, compiled=True)
+    dot_all(shipped_dot, chunk)
     want = out.clone()
-    variants = {
-        "narrow": [T._diag_blocks(m, b, True, "narrow"), (64, 32, 16, 8, 3), (64, 32, 16, 4, 3)],
-        "wide": [T._diag_blocks(m, b, True, "wide"), (64, 32, 32, 8, 2), (32, 32, 32, 4, 2),
-                 (64, 16, 32, 8, 2), (128, 16, 16, 8, 3)],
-    }  # fmt: skip
-    for kern, cfgs in variants.items():
-        for i, cfg in enumerate(cfgs):
-            try:
-                dot_all(kern, cfg, chunk)
-                err = float((out - want).abs().max())
-            except Exception as exc:
-                print(f"  {kern} {cfg}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                continue
-            tag = " (shipped)" if i == 0 else ""
-            report(f"{kern} (BLOCK_N, BLOCK_B, BLOCK_I, warps, stages)={cfg}{tag} "
-                   f"max|diff|={err:.1e}", lambda kk=kern, c=cfg: dot_all(kk, c), floor)  # fmt: skip
+    alternatives = [(64, 32, 16, 8, 3), (64, 32, 16, 4, 3), (128, 32, 16, 8, 3),
+                    (64, 32, 32, 8, 3), (128, 32, 32, 4, 2)]  # fmt: skip
+    for cfg in [shipped_dot] + [c for c in alternatives if c != shipped_dot]:
+        try:
+            dot_all(cfg, chunk)
+            err = float((out - want).abs().max())
+        except Exception as exc:
+            print(f"  {cfg}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            continue
+        tag = " (shipped)" if cfg == shipped_dot else ""
+        report(f"(BLOCK_N, BLOCK_B, BLOCK_I, warps, stages)={cfg}{tag} max|diff|={err:.1e}",
+               lambda c=cfg: dot_all(c), floor)  # fmt: skip
     print(f"  ill-conditioned pairs flagged: {int(ill.item())}", flush=True)
 
     # 3. whole calls
-    print(f"modulated_topk end to end (fused backend; DOT_KERNEL={T.DOT_KERNEL}, "
-          f"SMALL_BATCH={T.SMALL_BATCH}):", flush=True)  # fmt: skip
-    shipped_small, shipped_kernel = T.SMALL_BATCH, T.DOT_KERNEL
-    cases = [(b, "", shipped_small, shipped_kernel) for b in (1, 2, 4, 8, 16, 32, 64, 256)]
-    cases += [
-        (2, " dot kernel", 1, shipped_kernel),
-        (4, " dot kernel", 1, shipped_kernel),
-        (8, " row kernel", 8, shipped_kernel),
-        (16, " row kernel", 16, shipped_kernel),
-    ]
-    other = "narrow" if shipped_kernel == "wide" else "wide"
-    cases += [(b, f" {other}", shipped_small, other) for b in (32, 256)]  # fmt: skip
-    for b, label, small, kern in cases:
+    shipped_small = T.SMALL_BATCH
+    print(f"modulated_topk end to end (fused backend, SMALL_BATCH={shipped_small}):", flush=True)
+    cases = [(b, "", shipped_small) for b in (1, 2, 4, 8, 16, 32, 64, 256)]
+    cases += [(4, " dot kernel", 1), (8, " dot kernel", 1), (16, " row kernel", 16)]
+    for b, label, small in cases:
         tq, q = queries(b)
-        T.SMALL_BATCH, T.DOT_KERNEL = small, kern
+        T.SMALL_BATCH = small
         try:
             with K.use_backend("triton"):
                 report(f"B={b:3d}{label}",
                        lambda t=tq, qq=q: K.modulated_topk(corpus, t, ln_w, ln_b, qq, k),
                        floor)  # fmt: skip
         finally:
-            T.SMALL_BATCH, T.DOT_KERNEL = shipped_small, shipped_kernel
+            T.SMALL_BATCH = shipped_small
     return 0
 
 

@@ -71,7 +71,9 @@ SKIP_CODES = ("memory", "time", "not_applicable", "unavailable", "deadline", "er
 # IMRNNS_PEAK_GBPS / IMRNNS_PEAK_FLOPS. CPU: the 2-core CI machines (about 19 GB/s, about
 # 140 GFLOP/s fp32 GEMM). GPU: bandwidth is measured on the spot (device-to-device copy,
 # bytes read + written); FLOP/s is the card's fp32 FMA peak, because the kernels accumulate
-# with fp32 ("ieee") dots after upcasting bf16 tiles, not on the bf16 tensor cores.
+# with fp32-accurate dots after upcasting bf16 tiles ("tf32x3": three TF32 tensor-core
+# products per dot in the scoring kernels, "ieee" FMA in the adapter kernels), not on the
+# bf16 tensor cores; the fp32 peak is the conventional yardstick for that accuracy.
 CPU_PEAK_GBPS = 19.0
 CPU_PEAK_FLOPS = 140e9
 GPU_FP32_PEAK_FLOPS = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12, "L40S": 91.6e12}
@@ -237,7 +239,7 @@ def machine_info(cfg: SweepConfig) -> dict[str, Any]:
             else GPU_FP32_PEAK_FLOPS.get(family or "", None),
             peak_flops_source="IMRNNS_PEAK_FLOPS"
             if env_flops
-            else "fp32 FMA peak of the card (kernels use fp32 'ieee' dots)",
+            else "fp32 FMA peak of the card (the kernels' dots are fp32-accurate)",
             bf16_tensor_core_peak_flops=GPU_BF16_TC_PEAK_FLOPS.get(family or "", None),
         )
     else:

@@ -226,29 +226,23 @@ def test_rows_with_a_large_common_offset(backend, b):
     _check_topk(scores, ids, _all_scores(x, "diagonal"), k)
 
 
-@pytest.mark.parametrize("kernel", triton_topk.DOT_KERNELS)
-@pytest.mark.parametrize(("b", "m"), [(5, 50), (37, 113), (16, 256)])
+@pytest.mark.parametrize(("b", "m"), [(9, 50), (37, 113), (16, 256)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dot_kernels_match_reference(monkeypatch, kernel, b, m, dtype):
-    """Both tensor-core kernels (wide: two dots per slice, split back into the six moments;
-    narrow: eight dots), with query blocks that are partial (5, 37) and full (16), against
-    the float64 scores; also the compiled block shapes (small tiles, 2 stages) run through the
-    interpreter, so the masks of their partial tiles are exercised."""
-    monkeypatch.setattr(triton_topk, "DOT_KERNEL", kernel)
-    n, k = 1000 + 17, 30
+def test_dot_kernel_compiled_shapes_match(b, m, dtype):
+    """The dot kernel with the block shapes it is compiled with on a GPU (128-row tiles,
+    32-wide slices, 2 stages), query blocks partial (9, 37) and full (16), through the
+    interpreter: the masks of their partial tiles, against the float64 scores and against
+    the interpreter's own block shapes."""
+    n = 1000 + 17
     x = scoring_inputs(b, n, m, "diagonal", dtype=dtype)
-    with K.use_backend("triton"):
-        scores, ids = K.modulated_topk(x.corpus, *x[1:], k=k, modulation="diagonal")
-    _check_topk(scores, ids, _all_scores(x, "diagonal"), k)
-    # The compiled shapes: the whole corpus in one launch, against the default launch.
     atoms = C.diagonal_atoms(x.transform, x.ln_weight, x.ln_bias, x.queries, torch.float32)
-    lin, quad = triton_topk.dot_operands(atoms, kernel)
+    lin, quad = triton_topk.dot_operands(atoms)
     out = torch.empty(b, n)
     ill = torch.zeros(1, dtype=torch.int32)
-    blocks = triton_topk._diag_blocks(m, b, compiled=True, kernel=kernel)
-    args = (x.corpus, lin, quad, atoms.consts.contiguous(), out, ill, 0, n, 1e-5, kernel)
-    triton_topk._diag_chunk(*args, blocks=blocks)
+    args = (x.corpus, lin, quad, atoms.consts.contiguous(), out, ill, 0, n, 1e-5)
+    triton_topk._diag_chunk(*args, blocks=triton_topk._diag_blocks(m, b, compiled=True))
     got = out.clone()
+    assert int(ill.item()) == 0
+    assert_close(got, _all_scores(x, "diagonal").float(), torch.float32)
     triton_topk._diag_chunk(*args)
     assert_close(got, out, torch.float32)
-    assert int(ill.item()) == 0

@@ -51,8 +51,11 @@ from imrnns_kernels.ops.modulated_score import (
 )
 
 # Queries up to which exhaustive diagonal search runs the two-pass row kernel (CUDA cores)
-# instead of the tensor-core dot kernel, whose query tile cannot be narrower than 16.
-SMALL_BATCH = 4
+# instead of the tensor-core dot kernel, whose query tile cannot be narrower than 16. On an
+# H200 (N = 1e7, m = 256, bf16, whole calls; benchmarks/RESULTS.md) the row kernel took
+# 2.7 / 6.2 / 10.8 / 20.0 / 38.9 ms for 1 / 2 / 4 / 8 / 16 queries, the dot kernel 43.4 ms
+# for 32 (and about 62 ms for 2 or 4 with the slower tile shapes of that run).
+SMALL_BATCH = 8
 ILL: tl.constexpr = tl.constexpr(C.ILL_CONDITIONED)
 
 # Bytes of (B, chunk) fp32 score buffer per chunk: bounds the extra memory on the device
@@ -180,122 +183,6 @@ def _diag_scores_kernel(
 
 
 @triton.jit
-def _diag_wide_kernel(
-    # pointers
-    corpus_ptr,
-    lin_ptr,
-    quad_ptr,
-    consts_ptr,
-    out_ptr,
-    ill_ptr,
-    # sizes
-    n_rows,
-    row_start,
-    m,
-    nq,
-    # strides
-    stride_cn,
-    stride_ob,
-    eps,
-    # meta-parameters
-    DOT_PRECISION: tl.constexpr,
-    NUM_CONSTS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-):
-    """:func:`_diag_scores_kernel` with two wide dots per slice instead of eight narrow ones.
-
-    ``lin`` is (m, nq, 8) (the six linear atoms of each query then two zero columns) and
-    ``quad`` (m, nq, 2), atoms fastest, so a slice's operands are one (BLOCK_I, 8 BLOCK_B)
-    and one (BLOCK_I, 2 BLOCK_B) tile and each slice runs ``dot(d, lin)`` and
-    ``dot(d*d, quad)``: tensor-core tiles 8x and 2x wider than the eight (BLOCK_N x BLOCK_B)
-    dots, whose per-dot operand splitting ("tf32x3") and tiny per-warp tiles dominated on
-    an H200 (benchmarks/RESULTS.md). The epilogue splits the accumulators back into the six
-    moments (reshape to (BLOCK_N, BLOCK_B, 2, 2, 2), three ``tl.split``); the two padding
-    atoms cost 25% more multiply-adds than the useful ones.
-    """
-    pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_n = offs_n < n_rows
-    mask_b = offs_b < nq
-    rows = row_start + offs_n.to(tl.int64)  # int64: N * m can exceed 2^31
-    # Operand columns: query-major, atom fastest (column c = query c // 8, atom c % 8).
-    cols_l = pid_b * BLOCK_B * 8 + tl.arange(0, BLOCK_B * 8)
-    mask_l = cols_l < nq * 8
-    cols_q = pid_b * BLOCK_B * 2 + tl.arange(0, BLOCK_B * 2)
-    mask_q = cols_q < nq * 2
-    acc_l = tl.zeros((BLOCK_N, BLOCK_B * 8), dtype=tl.float32)
-    acc_q = tl.zeros((BLOCK_N, BLOCK_B * 2), dtype=tl.float32)
-    for i0 in range(0, m, BLOCK_I):
-        offs_i = i0 + tl.arange(0, BLOCK_I)
-        mask_i = offs_i < m
-        d_ptrs = corpus_ptr + rows[:, None] * stride_cn + offs_i[None, :]
-        d = tl.load(d_ptrs, mask=mask_n[:, None] & mask_i[None, :], other=0.0).to(tl.float32)
-        a_l = tl.load(
-            lin_ptr + offs_i[:, None] * (nq * 8) + cols_l[None, :],
-            mask=mask_i[:, None] & mask_l[None, :],
-            other=0.0,
-        )
-        a_q = tl.load(
-            quad_ptr + offs_i[:, None] * (nq * 2) + cols_q[None, :],
-            mask=mask_i[:, None] & mask_q[None, :],
-            other=0.0,
-        )
-        acc_l = tl.dot(d, a_l, acc_l, input_precision=DOT_PRECISION)
-        acc_q = tl.dot(d * d, a_q, acc_q, input_precision=DOT_PRECISION)
-
-    # (BLOCK_N, 8 BLOCK_B) -> the eight (BLOCK_N, BLOCK_B) atom sums. Atom a = 4 a2 + 2 a1 + a0
-    # sits on axes (a2, a1, a0) of the reshape; each tl.split halves the last one.
-    even, odd = tl.split(tl.reshape(acc_l, (BLOCK_N, BLOCK_B, 2, 2, 2)))  # a0
-    atoms_04, atoms_26 = tl.split(even)  # a1
-    atoms_15, atoms_37 = tl.split(odd)
-    acc_mu, acc_e2 = tl.split(atoms_04)  # a2; atom order: mu, P, Gy, Vy, E2, Gy2, 0, 0
-    acc_gy, _zero6 = tl.split(atoms_26)
-    acc_p, acc_gy2 = tl.split(atoms_15)
-    acc_vy, _zero7 = tl.split(atoms_37)
-    quad_e2, quad_gy2 = tl.split(tl.reshape(acc_q, (BLOCK_N, BLOCK_B, 2)))
-    acc_e2 += quad_e2
-    acc_gy2 += quad_gy2
-
-    c = consts_ptr + offs_b * NUM_CONSTS
-    c_cb = tl.load(c + 0, mask=mask_b, other=0.0)[None, :]
-    c_g2b2 = tl.load(c + 4, mask=mask_b, other=0.0)[None, :]
-    c_g2b = tl.load(c + 5, mask=mask_b, other=0.0)[None, :]
-    c_g2 = tl.load(c + 9, mask=mask_b, other=0.0)[None, :]
-    score = _cos_epilogue(
-        acc_mu,
-        acc_p,
-        acc_gy,
-        acc_vy,
-        acc_e2,
-        acc_gy2,
-        c_cb,
-        tl.load(c + 1, mask=mask_b, other=0.0)[None, :],
-        tl.load(c + 2, mask=mask_b, other=0.0)[None, :],
-        tl.load(c + 3, mask=mask_b, other=0.0)[None, :],
-        c_g2b2,
-        c_g2b,
-        tl.load(c + 6, mask=mask_b, other=0.0)[None, :],
-        tl.load(c + 7, mask=mask_b, other=0.0)[None, :],
-        tl.load(c + 8, mask=mask_b, other=0.0)[None, :],
-        c_g2,
-        eps,
-    )
-    mu2 = acc_mu * acc_mu
-    var_eps = tl.maximum(acc_e2 + c_cb - mu2, 0.0) + eps
-    qf = acc_gy2 + c_g2b2 - 2.0 * acc_mu * (acc_gy + c_g2b) + mu2 * c_g2
-    mask = mask_n[:, None] & mask_b[None, :]
-    ill = ((mu2 > ILL * var_eps) | (mu2 * c_g2 > ILL * qf)) & mask
-    score = tl.where(ill, float("-inf"), score)
-    tl.atomic_add(ill_ptr, tl.sum(tl.sum(ill.to(tl.int32), axis=1), axis=0))
-    out_ptrs = out_ptr + offs_b[None, :].to(tl.int64) * stride_ob + offs_n[:, None]
-    tl.store(out_ptrs, score, mask=mask)
-
-
-@triton.jit
 def _diag_rows_kernel(
     # pointers
     corpus_ptr,
@@ -349,49 +236,26 @@ def _diag_rows_kernel(
         tl.store(out_ptr + b * stride_ob + offs_n, score, mask=mask_n)
 
 
-# The tensor-core kernel of exhaustive diagonal search: "wide" (:func:`_diag_wide_kernel`,
-# two wide dots per slice) or "narrow" (:func:`_diag_scores_kernel`, eight dots).
-DOT_KERNELS = ("wide", "narrow")
-DOT_KERNEL = "wide"
+def _diag_blocks(m: int, nq: int, compiled: bool | None = None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_B, BLOCK_I, num_warps, num_stages) of :func:`_diag_scores_kernel`.
 
-
-def _diag_blocks(
-    m: int, nq: int, compiled: bool | None = None, kernel: str | None = None
-) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_B, BLOCK_I, num_warps, num_stages) of the dot kernel.
-
-    Interpreted: few, large programs (its cost is per program). Compiled, narrow: 128 docs x
-    up to 32 queries x 32-wide slices at 8 warps, 2 stages, the fastest of six shapes timed
-    on an H200 (benchmarks/RESULTS.md: 29 ms against 95 ms for the 64 x 32 x 16 tiles shipped
-    before; sm_90 ptxas, Triton 3.6: 248 registers, no spill). Compiled, wide: see
-    :data:`WIDE_BLOCKS`.
+    Interpreted: few, large programs (its cost is per program). Compiled: 128 docs x up to 32
+    queries x 32-wide slices at 8 warps, 2 stages: the fastest of the shapes timed on an H200
+    (N = 1e7, m = 256, bf16, B = 32, scores only; benchmarks/RESULTS.md): 29.1 ms, against
+    95.6 ms for 64 x 32 x 16 at 8 warps (the shape chosen before any GPU run) and 39.6 ms at
+    4 warps. Bigger tiles per warp amortise the "tf32x3" operand splitting of each dot.
+    sm_90 ptxas (Triton 3.6): 248 registers, no spill.
     """
-    kernel = kernel or DOT_KERNEL
     block_b = min(32, _pow2(nq))
     if not (compiled if compiled is not None else not interpreting()):
         return 512, block_b, _pow2(m), 4, 1
-    if kernel == "wide":
-        return (*WIDE_BLOCKS[:1], block_b, *WIDE_BLOCKS[1:])
     return 128, block_b, 32, 8, 2
 
 
-# (BLOCK_N, BLOCK_I, num_warps, num_stages) of the compiled wide kernel: (64, 8 x 32) and
-# (64, 2 x 32) fp32 accumulators at 8 warps; sm_90 ptxas (Triton 3.6, offline): 244
-# registers, no spill with 16-wide slices and 3 stages; 32-wide slices spilled 344 bytes.
-WIDE_BLOCKS = (64, 16, 8, 3)
-
-
-def dot_operands(
-    atoms: C.DiagonalAtoms, kernel: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The query operands of the dot kernel: narrow, lin (6, m, B) and quad (2, m, B), query
-    index fastest; wide, lin (m, B, 8) with two zero atoms and quad (m, B, 2), atom fastest."""
-    if (kernel or DOT_KERNEL) == "narrow":
-        return atoms.lin.transpose(1, 2).contiguous(), atoms.quad.transpose(1, 2).contiguous()
-    six, bsz, m = atoms.lin.shape
-    lin = atoms.lin.new_zeros(m, bsz, 8)
-    lin[:, :, :six] = atoms.lin.permute(2, 1, 0)
-    return lin, atoms.quad.permute(2, 1, 0).contiguous()
+def dot_operands(atoms: C.DiagonalAtoms) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query operands of :func:`_diag_scores_kernel`: lin (6, m, B) and quad (2, m, B),
+    query index fastest, so that an atom's (BLOCK_I, BLOCK_B) tile is one coalesced load."""
+    return atoms.lin.transpose(1, 2).contiguous(), atoms.quad.transpose(1, 2).contiguous()
 
 
 def _diag_chunk(
@@ -404,19 +268,15 @@ def _diag_chunk(
     row_start: int,
     n_rows: int,
     eps: float,
-    kernel: str | None = None,
     blocks: tuple[int, int, int, int, int] | None = None,
 ) -> None:
-    """Scores of rows ``row_start ..`` into ``out`` with the dot kernel ``kernel`` (default
-    :data:`DOT_KERNEL`) and its operands from :func:`dot_operands`; ``blocks`` overrides
-    :func:`_diag_blocks` (benchmarks/gpu_tune.py times alternatives with it)."""
+    """Scores of rows ``row_start ..`` into ``out``, operands from :func:`dot_operands`;
+    ``blocks`` overrides :func:`_diag_blocks` (benchmarks/gpu_tune.py times alternatives)."""
     m = corpus.shape[1]
     nq = consts.shape[0]
-    kernel = kernel or DOT_KERNEL
-    block_n, block_b, block_i, num_warps, num_stages = blocks or _diag_blocks(m, nq, None, kernel)
+    block_n, block_b, block_i, num_warps, num_stages = blocks or _diag_blocks(m, nq)
     grid = (triton.cdiv(n_rows, block_n), triton.cdiv(nq, block_b))
-    fn = _diag_wide_kernel if kernel == "wide" else _diag_scores_kernel
-    fn[grid](
+    _diag_scores_kernel[grid](
         corpus,
         atoms_lin,
         atoms_quad,
