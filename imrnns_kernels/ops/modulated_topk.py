@@ -54,7 +54,8 @@ from imrnns_kernels.ops.modulated_score import (
 # instead of the tensor-core dot kernel, whose query tile cannot be narrower than 16. On an
 # H200 (N = 1e7, m = 256, bf16, whole calls; benchmarks/RESULTS.md) the row kernel took
 # 2.7 / 6.2 / 10.8 / 20.0 / 38.9 ms for 1 / 2 / 4 / 8 / 16 queries, the dot kernel 43.4 ms
-# for 32 (and about 62 ms for 2 or 4 with the slower tile shapes of that run).
+# for 32 (a dot-kernel variant tried in the same run, since removed, took 62-69 ms for 2-16:
+# the padded query tile costs about what a full one does).
 SMALL_BATCH = 8
 ILL: tl.constexpr = tl.constexpr(C.ILL_CONDITIONED)
 
@@ -305,8 +306,8 @@ def _rows_blocks(m: int, compiled: bool | None = None) -> tuple[int, int, int]:
     registers (BLOCK_M = m rounded up to a power of two), 8192 fp32 tile elements per
     (compiled) program at 4 warps; interpreted, few large programs. On an H200 (m = 256,
     bf16, N = 1e7; benchmarks/RESULTS.md) 32-row tiles at 4 warps read 2.58 TB/s, 16-row
-    tiles 2.28 TB/s, and 8 warps or 64-row tiles were slower (sm_90 ptxas: 203 registers,
-    no spill)."""
+    tiles 2.28 TB/s, and 8 warps or 64-row tiles were slower (sm_90 ptxas, m = 256: 224
+    registers, no spill)."""
     block_m = _pow2(m, 1)
     if not (compiled if compiled is not None else not interpreting()):
         return max(1, 32768 // block_m), block_m, 4
