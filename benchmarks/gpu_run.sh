@@ -74,7 +74,7 @@ elif [ "$rc" -ne 0 ]; then
 fi
 
 # What runs after the sweep, in seconds: gpu_tune, the pytest-benchmarks, the unit tests.
-TUNE_S=100
+TUNE_S=120
 BENCH_S=90
 UNIT_S=80
 left=$((TOTAL_S - SECONDS - TUNE_S - BENCH_S - UNIT_S))

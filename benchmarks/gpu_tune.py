@@ -11,7 +11,9 @@ and before the sweep; it prints, it changes nothing. At N = 10^7, m = 256, bf16 
    scores;
 3. the whole ``modulated_topk`` call for B = 1 .. 256, and with the row/dot switch
    (:data:`imrnns_kernels.ops.modulated_topk.SMALL_BATCH`) forced either way, so the
-   top-k's share and the switch point are visible.
+   top-k's share and the switch point are visible;
+4. the whole call for B = 32 and 256 with 1x, 4x and 16x the default chunk (fewer merges of
+   the streaming top-k, each with its host syncs, against a larger score buffer).
 
 Every measurement is independent: one that fails prints its error and the rest go on.
 """
@@ -177,6 +179,16 @@ def main(argv: list[str] | None = None) -> int:
                        floor)  # fmt: skip
         finally:
             T.SMALL_BATCH = shipped_small
+
+    # 4. the streaming top-k's share: fewer, larger chunks (the op's chunk_rows argument)
+    print("modulated_topk, chunk size (rows per score buffer):", flush=True)
+    for b in (32, 256):
+        tq, q = queries(b)
+        default = max(1024, T.SCORE_BUFFER_BYTES // (4 * b))
+        for rows in sorted({min(n, default), min(n, 4 * default), min(n, 16 * default)}):
+            report(f"B={b:3d} chunk_rows={rows}{' (default)' if rows == min(n, default) else ''}",
+                   lambda t=tq, qq=q, r=rows: T.modulated_topk(
+                       corpus, t, ln_w, ln_b, qq, k, chunk_rows=r), floor)  # fmt: skip
     return 0
 
 
