@@ -4,8 +4,8 @@ Run by ``benchmarks/gpu_run.sh`` after the correctness check (``benchmarks/gpu_c
 and before the sweep; it prints, it changes nothing. At N = 10^7, m = 256, bf16 storage, k =
 100 (the issue's GPU target shape) it times, with ``triton.testing.do_bench`` (median):
 
-1. the floors: a device-to-device copy of the corpus bytes (read + write counted, as the
-   sweep's bandwidth) and a plain read (``corpus.sum``);
+1. the floors: the sweep's bandwidth measurement (:func:`imrnns.bench.measure_copy_gbps`,
+   read + write counted) over the corpus's bytes, and a plain read (``corpus.sum``);
 2. the scoring kernels alone (no top-k) for B = 1 (row kernel) and B = 32 (dot kernel)
    under a few block shapes, the shipped one first, each checked against the shipped one's
    scores;
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_tune: no CUDA GPU")
         return 2
     import imrnns_kernels as K
-    from imrnns.bench import make_model, unit_rows
+    from imrnns.bench import make_model, measure_copy_gbps, unit_rows
     from imrnns_kernels.ops import _scoring_common as C
     from imrnns_kernels.ops import modulated_topk as T
 
@@ -84,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. floors
     print("floors:", flush=True)
-    copy_ms = _copy_ms(corpus, ms)  # its destination is freed on return
-    floor = copy_ms / 2  # the sweep's floor: corpus bytes at the copy's (read + write) rate
-    print(f"  copy: {copy_ms:.3f} ms, {2 * nbytes / copy_ms / 1e6:.0f} GB/s read + write; "
-          f"one read at that rate: {floor:.3f} ms", flush=True)  # fmt: skip
+    # The sweep's floor: the corpus bytes at its measured copy rate (read + write counted).
+    copy_gbps = measure_copy_gbps(dev.type, nbytes)
+    floor = nbytes / copy_gbps / 1e6
+    print(f"  copy: {copy_gbps:.0f} GB/s read + write; one read of the corpus at that rate: "
+          f"{floor:.3f} ms", flush=True)  # fmt: skip
     report("corpus.sum (a plain read)", lambda: corpus.sum(dtype=torch.float32), floor)
 
     def queries(b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,14 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     out = torch.empty(1, n, dtype=torch.float32, device=dev)
     lw, lb = ln_w.float().contiguous(), ln_b.float().contiguous()
 
-    def rows_launch(block_n: int, warps: int, dst: torch.Tensor) -> None:
-        T._diag_rows_kernel[(triton.cdiv(n, block_n),)](
-            corpus, tq, lw, lb, q, dst, n, 0, m, 1,
-            corpus.stride(0), tq.stride(0), q.stride(0), dst.stride(0), 1e-5,
-            BLOCK_N=block_n, BLOCK_M=256, num_warps=warps,
-        )  # fmt: skip
-
     shipped = T._rows_blocks(m, compiled=True)
+
+    def rows_launch(block_n: int, warps: int, dst: torch.Tensor) -> None:
+        T._diag_rows_chunk(corpus, tq, lw, lb, q, dst, 0, n, 1e-5, (block_n, shipped[1], warps))
+
     rows_launch(shipped[0], shipped[2], out)
     want = out.clone()
     alternatives = [(16, 4), (8, 2), (32, 8), (64, 4), (64, 8)]
@@ -190,14 +188,6 @@ def main(argv: list[str] | None = None) -> int:
                    lambda t=tq, qq=q, r=rows: T.modulated_topk(
                        corpus, t, ln_w, ln_b, qq, k, chunk_rows=r), floor)  # fmt: skip
     return 0
-
-
-def _copy_ms(corpus: object, ms: Callable[[Callable[[], object]], float]) -> float:
-    import torch
-
-    assert isinstance(corpus, torch.Tensor)
-    dst = torch.empty_like(corpus)
-    return ms(lambda: dst.copy_(corpus))
 
 
 if __name__ == "__main__":

@@ -248,7 +248,9 @@ def _diag_blocks(m: int, nq: int, compiled: bool | None = None) -> tuple[int, in
     sm_90 ptxas (Triton 3.6): 248 registers, no spill.
     """
     block_b = min(32, _pow2(nq))
-    if not (compiled if compiled is not None else not interpreting()):
+    if compiled is None:
+        compiled = not interpreting()
+    if not compiled:
         return 512, block_b, _pow2(m), 4, 1
     return 128, block_b, 32, 8, 2
 
@@ -309,7 +311,9 @@ def _rows_blocks(m: int, compiled: bool | None = None) -> tuple[int, int, int]:
     tiles 2.28 TB/s, and 8 warps or 64-row tiles were slower (sm_90 ptxas, m = 256: 224
     registers, no spill)."""
     block_m = _pow2(m, 1)
-    if not (compiled if compiled is not None else not interpreting()):
+    if compiled is None:
+        compiled = not interpreting()
+    if not compiled:
         return max(1, 32768 // block_m), block_m, 4
     return max(1, 8192 // block_m), block_m, 4
 
@@ -324,9 +328,12 @@ def _diag_rows_chunk(
     row_start: int,
     n_rows: int,
     eps: float,
+    blocks: tuple[int, int, int] | None = None,
 ) -> None:
+    """Exact scores of rows ``row_start ..`` into ``out``; ``blocks`` overrides
+    :func:`_rows_blocks` (benchmarks/gpu_tune.py times alternatives)."""
     m = corpus.shape[1]
-    block_n, block_m, num_warps = _rows_blocks(m)
+    block_n, block_m, num_warps = blocks or _rows_blocks(m)
     _diag_rows_kernel[(triton.cdiv(n_rows, block_n),)](
         corpus,
         transform,
