@@ -105,6 +105,14 @@ def check_weights(name: str, weights: object, shape: tuple[int, int]) -> torch.T
     if bool((w.sum(dim=1) <= 0).any()):
         rows = torch.nonzero(w.sum(dim=1) <= 0).flatten().tolist()[:8]
         raise ValueError(f"{name} rows {rows} sum to zero: a weighted mean is undefined")
+    # The ops normalise by the row sum in (at least) float32: a sum that overflows there
+    # gave zeros (reference) or garbage (fused paths) without an error.
+    sums = w.to(torch.promote_types(w.dtype, torch.float32)).sum(dim=1)
+    if not bool(torch.isfinite(sums).all()):
+        rows = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()[:8]
+        raise ValueError(
+            f"{name} rows {rows} sum to more than float32 can hold ({describe(w)}): rescale them"
+        )
     return w
 
 

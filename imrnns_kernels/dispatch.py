@@ -119,6 +119,12 @@ def _check_hypernet(weights: HyperNetWeights, dim: int, modulation: str) -> None
         raise TypeError(f"weights must be a HyperNetWeights, got {type(weights).__name__}")
     for name, t in zip(weights._fields, weights, strict=True):
         V.check_float(f"weights.{name}", t, 2 if name.startswith("w") else 1)
+    dtypes = {t.dtype for t in weights}
+    if len(dtypes) > 1:
+        # The reference (and so every training call) would fail inside F.linear, while the
+        # fused paths silently computed in float32: one dtype for all six, said plainly.
+        listing = ", ".join(f"{n} {t.dtype}" for n, t in zip(weights._fields, weights, strict=True))
+        raise TypeError(f"HyperNet weights must share one dtype, got {listing}")
     if weights.in_dim != dim:
         raise ValueError(
             f"HyperNet input width {weights.in_dim} does not match corpus dim {dim} "
@@ -141,9 +147,17 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
             f"x has last dim {x.shape[-1]} but the projection expects {weight.shape[1]} "
             f"(x {V.describe(x)}, weight {V.describe(weight)})"
         )
+    if bias is not None:
+        V.check_float("bias", bias, 1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},) to match weight "
+                f"{V.describe(weight)}, got {V.describe(bias)}"
+            )
     V.check_same_device(x=x, weight=weight, bias=bias)
     fn = _impl("project", x.device, _grad(x, weight, bias))
-    return fn(x.to(weight.dtype), weight, bias)
+    # x is computed in the projection's dtype; so is the bias (F.linear needs one dtype).
+    return fn(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
 
 
 def adapter_reduce(
@@ -249,6 +263,15 @@ def modulate_layernorm(
     V.check_transform("transform", transform, x.shape[0], m, modulation)
     _check_ln(ln_weight, ln_bias, m)
     V.check_same_device(x=x, transform=transform, ln_weight=ln_weight)
+    # Mixed dtypes (a half-precision model's fp16 p(q) with adapter_reduce's float32
+    # transform) failed inside einsum / F.layer_norm: compute T(x) in the promoted dtype of
+    # x and transform, with the LayerNorm parameters in it too unless they are the float32
+    # parameters that F.layer_norm accepts for fp16/bf16 input.
+    dtype = torch.promote_types(x.dtype, transform.dtype)
+    x, transform = x.to(dtype), transform.to(dtype)
+    mixed_ok = dtype in (torch.float16, torch.bfloat16) and ln_weight.dtype == torch.float32
+    if ln_weight.dtype != ln_bias.dtype or (ln_weight.dtype != dtype and not mixed_ok):
+        ln_weight, ln_bias = ln_weight.to(dtype), ln_bias.to(dtype)
     fn = _impl("modulate_layernorm", x.device, _grad(x, transform, ln_weight, ln_bias))
     return fn(x, transform, ln_weight, ln_bias, modulation, eps)
 
@@ -277,6 +300,8 @@ def _check_scoring(
     # a scan of a multi-GB corpus per query would cost as much as the search itself.
     V.check_finite("queries", queries)
     V.check_finite("transform", transform)
+    V.check_finite("ln_weight", ln_weight)
+    V.check_finite("ln_bias", ln_bias)
 
 
 def modulated_score(

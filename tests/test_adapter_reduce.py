@@ -339,3 +339,35 @@ def test_compiled_kernels_match_reference(modulation, m, k, dtype):
         cache = dispatch.document_transforms(corpus.cuda(), w32, modulation)
         got = K.adapter_reduce(corpus.cuda(), ids.cuda(), w32, fc, modulation, cache=cache)
         assert_close(got.cpu(), expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", (*FUSED, "reference"))
+def test_hypernet_of_mixed_dtypes_is_rejected(backend):
+    # The reference failed inside F.linear (RuntimeError) while the fused paths computed.
+    w = _cast(_hypernet(6, "diagonal", 16, 8), torch.float32)
+    mixed = HyperNetWeights(w.w1.half(), *w[1:])
+    with K.use_backend(backend), pytest.raises(TypeError, match="w1 torch.float16, b1 torch"):
+        K.adapter_reduce(unit_rows(9, 6), _ids(2, 4, 9), mixed)
+
+
+@pytest.mark.parametrize("backend", (*FUSED, "reference"))
+def test_weights_whose_sum_overflows_are_rejected(backend):
+    # Finite weights whose row sum overflows float32 gave zeros (reference) or garbage (fused).
+    w = _cast(_hypernet(6, "diagonal", 16, 8), torch.float32)
+    fw = torch.ones(2, 4)
+    fw[1] = 1e38
+    with K.use_backend(backend), pytest.raises(ValueError, match=r"rows \[1\] sum to more"):
+        K.adapter_reduce(unit_rows(9, 6), _ids(2, 4, 9), w, fw)
+
+
+@pytest.mark.parametrize("backend", (*FUSED, "reference"))
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_no_queries_under_autograd_stays_in_the_graph(backend, modulation):
+    # B=0 on the Triton path returned a bare zeros tensor: loss.backward() then failed.
+    w = HyperNetWeights(*(t.float().requires_grad_() for t in _hypernet(4, modulation, 8, 4)))
+    corpus = unit_rows(9, 4).requires_grad_()
+    with K.use_backend(backend):
+        out = K.adapter_reduce(corpus, torch.zeros(0, 3, dtype=torch.int64), w, None, modulation)
+    assert out.shape == (0, K.transform_dim(4, modulation)) and out.dtype == torch.float32
+    out.sum().backward()
+    assert corpus.grad is None or not corpus.grad.any()

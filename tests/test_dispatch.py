@@ -131,3 +131,43 @@ def test_project_matches_definition():
     torch.testing.assert_close(y, want / want.norm(dim=-1, keepdim=True))
     with pytest.raises(ValueError, match="x has last dim 6 but the projection expects 7"):
         K.project(torch.randn(2, 6), w, b)
+
+
+@pytest.mark.parametrize("backend", ("triton", "cpu", "reference"))
+def test_project_checks_and_casts_the_bias(backend):
+    # A bias of the wrong shape or another float dtype failed inside F.linear (RuntimeError).
+    x, w, b = torch.randn(3, 7), torch.randn(5, 7), torch.randn(5)
+    with K.use_backend(backend):
+        want = K.project(x, w, b)
+        torch.testing.assert_close(K.project(x, w, b.half()), K.project(x, w, b.half().float()))
+        assert K.project(x, w.double(), b).dtype == torch.float64
+        with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+            K.project(x, w, torch.randn(6))
+        with pytest.raises(ValueError, match="bias must have rank 1"):
+            K.project(x, w, torch.randn(5, 1))
+        with pytest.raises(TypeError, match="bias must be a floating-point tensor"):
+            K.project(x, w, torch.ones(5, dtype=torch.int64))
+    torch.testing.assert_close(want, torch.nn.functional.normalize(x @ w.T + b, dim=-1))
+
+
+@pytest.mark.parametrize("backend", ("triton", "cpu", "reference"))
+@pytest.mark.parametrize("modulation", ["diagonal", "affine"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_modulate_layernorm_with_mixed_dtypes(backend, modulation, dtype):
+    # A half-precision model's p(q) and LayerNorm with adapter_reduce's float32 transform
+    # raised RuntimeError inside einsum / F.layer_norm; now computed in the promoted dtype.
+    m = 6
+    x = torch.randn(2, 3, m)
+    t = torch.randn(2, K.transform_dim(m, modulation))
+    g, beta = 1 + 0.3 * torch.randn(m), 0.1 * torch.randn(m)
+    want = dispatch.reference.modulate_layernorm(
+        x.to(dtype).double(),
+        t.double(),
+        g.to(dtype).double(),
+        beta.to(dtype).double(),
+        modulation,
+    )
+    with K.use_backend(backend):
+        got = K.modulate_layernorm(x.to(dtype), t, g.to(dtype), beta.to(dtype), modulation)
+    assert got.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

@@ -256,3 +256,50 @@ def test_cpu_blocks_and_reused_buffers(modulation, monkeypatch):
         torch.set_num_threads(threads)
     for kept, returned in results:
         assert torch.equal(kept, returned)
+
+
+@pytest.mark.parametrize("backend", ("triton", "cpu", "reference"))
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_no_queries_gives_an_empty_table(backend, modulation):
+    # B=0 (ids (0, K)): the CPU epilogue took amax() of an empty tensor and raised.
+    x = scoring_inputs(0, 7, 5, modulation)
+    ids = torch.zeros(0, 3, dtype=torch.int64)
+    with K.use_backend(backend):
+        out = K.modulated_score(x.corpus, ids, *x[1:], modulation=modulation)
+        leaves = [t.clone().requires_grad_() for t in x]
+        scored = K.modulated_score(leaves[0], ids, *leaves[1:], modulation=modulation)
+        scored.sum().backward()
+    assert out.shape == (0, 3) and out.dtype == torch.float32
+    assert all(t.grad is None or not t.grad.any() for t in leaves)
+
+
+@pytest.mark.parametrize("backend", ("triton", "cpu", "reference"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_half_precision_layernorm_parameters(backend, dtype):
+    # fp16/bf16 LayerNorm parameters (a half-precision model) with a float32 transform: the
+    # reference failed inside F.layer_norm while the fused paths computed in float32.
+    x = scoring_inputs(2, 9, 6, "diagonal")
+    ids = _ids(2, 5, 9)
+    g, beta = x.ln_weight.to(dtype), x.ln_bias.to(dtype)
+    want = R.modulated_score(
+        x.corpus.double(), ids, x.transform.double(), g.double(), beta.double(), x.queries.double()
+    )
+    with K.use_backend(backend):
+        got = K.modulated_score(x.corpus, ids, x.transform, g, beta, x.queries)
+    assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ("triton", "cpu", "reference"))
+@pytest.mark.parametrize("name", ["ln_weight", "ln_bias"])
+def test_non_finite_layernorm_parameters_are_rejected(backend, name):
+    # NaN/Inf in the LayerNorm parameters made every score NaN without an error.
+    x = scoring_inputs(2, 9, 6, "diagonal")._asdict()
+    x[name] = x[name].clone()
+    x[name][2] = float("nan")
+    ids = _ids(2, 5, 9)
+    with K.use_backend(backend), pytest.raises(ValueError, match=f"{name} contains 1 NaN/Inf"):
+        K.modulated_score(
+            x["corpus"], ids, x["transform"], x["ln_weight"], x["ln_bias"], x["queries"]
+        )
+    with K.use_backend(backend), pytest.raises(ValueError, match=f"{name} contains 1 NaN/Inf"):
+        K.modulated_topk(x["corpus"], x["transform"], x["ln_weight"], x["ln_bias"], x["queries"], 3)

@@ -237,7 +237,8 @@ def cosine_epilogue_flagged_(
     if ill is not None:
         # E2 - mu^2 loses log2(mu^2 / (var + eps)) bits: flag the pairs that lose too many.
         excess = torch.sub(mu2, r, alpha=ILL_CONDITIONED)
-        flagged = bool(excess.amax() > 0)
+        # (no queries or no candidates: amax of an empty tensor is an error, nothing to flag)
+        flagged = excess.numel() > 0 and bool(excess.amax() > 0)
         if flagged:
             torch.gt(excess, 0, out=ill)
     r.rsqrt_()
@@ -249,7 +250,7 @@ def cosine_epilogue_flagged_(
     if ill is not None:
         # Q is sum(g^2 (y - mu)^2) expanded: the same cancellation, weighted by g^2.
         excess = torch.mul(mu2, c[:, C_G2]).sub_(q, alpha=ILL_CONDITIONED)
-        if bool(excess.amax() > 0):
+        if excess.numel() > 0 and bool(excess.amax() > 0):
             if flagged:
                 ill |= excess > 0
             else:

@@ -532,6 +532,12 @@ def adapter_reduce(
         # A float64 HyperNet (float64 models, gradcheck) keeps float64: the torch path.
         return cpu_impl.adapter_reduce(corpus, ids, weights, feedback_weights, modulation, cache)
     if ids.shape[0] == 0:  # no queries: nothing to launch (a zero-size grid is an error)
+        if cpu_impl.needs_grad(corpus, feedback_weights, cache, *weights):
+            # Training on an empty batch: an empty result that is still part of the graph
+            # (a bare zeros tensor broke loss.backward()); the torch path gives exactly that.
+            return cpu_impl.adapter_reduce(
+                corpus, ids, weights, feedback_weights, modulation, cache
+            ).float()
         return torch.zeros(0, weights.out_dim, dtype=torch.float32, device=corpus.device)
     if cache is not None:
         if cpu_impl.needs_grad(cache, feedback_weights, *weights):

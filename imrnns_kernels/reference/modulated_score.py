@@ -38,7 +38,11 @@ def modulated_score(
     """
     dtype = torch.promote_types(transform.dtype, torch.float32)
     docs = corpus[ids.long()].to(dtype)
-    d_tilde = modulate_layernorm(docs, transform.to(dtype), ln_weight, ln_bias, modulation, eps)
+    # LayerNorm parameters in the compute dtype too, as the fused paths (fp16/bf16 ones from a
+    # half-precision model made F.layer_norm fail on float32 rows).
+    d_tilde = modulate_layernorm(
+        docs, transform.to(dtype), ln_weight.to(dtype), ln_bias.to(dtype), modulation, eps
+    )
     d_hat = F.normalize(d_tilde, p=2, dim=-1, eps=NORMALIZE_EPS)
     q_hat = F.normalize(queries.to(dtype), p=2, dim=-1, eps=NORMALIZE_EPS)
     return torch.einsum("bm,bkm->bk", q_hat, d_hat).float()
