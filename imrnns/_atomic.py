@@ -135,6 +135,28 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def check_replaceable(path: str | Path, marker: str) -> None:
+    """Raise ValueError unless ``path`` may be replaced as a whole by a save.
+
+    A save swaps in a new directory and deletes the old one, so ``path`` must be missing, an
+    empty directory, or a directory an earlier save wrote (it holds ``marker``). Anything
+    else (a file, or a directory of unrelated files) would be lost: refuse it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory")
+    if (path / marker).is_file():
+        return
+    with contextlib.suppress(StopIteration):
+        next(path.iterdir())
+        raise ValueError(
+            f"{path} is a non-empty directory without {marker}: saving would replace it and "
+            "delete its files; choose a new or empty directory"
+        )
+
+
 def new_temp_directory(path: str | Path) -> tuple[Path, int]:
     """Create the temporary sibling directory a save of ``path`` writes into.
 

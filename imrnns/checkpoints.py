@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from imrnns._atomic import atomic_directory, resolve_directory
+from imrnns._atomic import atomic_directory, check_replaceable, resolve_directory
 from imrnns.model import IMRNN, IMRNNConfig
 
 FORMAT = "imrnns-kernels-adapter"
@@ -46,8 +46,11 @@ def save_pretrained(model: IMRNN, directory: str | Path) -> Path:
 
     The files are written to a temporary sibling directory that replaces ``directory`` only
     once both are complete: a crash mid-way leaves the previous checkpoint intact.
+    ``directory`` must be new, empty, or a checkpoint saved before (it is replaced as a
+    whole): a directory of other files raises ValueError.
     """
     directory = Path(directory)
+    check_replaceable(directory, CONFIG_NAME)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     with atomic_directory(directory) as tmp:
@@ -133,7 +136,10 @@ def _load_directory(directory: Path) -> IMRNN:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{config_path}: not an {FORMAT} config (format key missing)")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+    version = payload.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{config_path}: format_version must be an int, got {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{config_path}: format_version {payload.get('format_version')} is newer than "
             f"this library reads ({FORMAT_VERSION}); upgrade imrnns-kernels"

@@ -73,7 +73,7 @@ import torch.distributed as dist
 
 import imrnns_kernels as K
 from imrnns import index as _index
-from imrnns._atomic import resolve_directory
+from imrnns._atomic import check_replaceable, resolve_directory
 from imrnns.index import (
     SEARCH_CHUNK,
     STORAGE_DTYPES,
@@ -430,11 +430,15 @@ class DistributedIMRNNIndex:
 
         Returns the global ids of the batch (same type as given), as ``IMRNNIndex.add``.
         """
-        x, was_numpy = self._checked(
-            "add()",
-            _batch_signature(embeddings, doc_ids),
-            lambda: self._validate_add(embeddings, doc_ids),
-        )
+
+        def validate() -> tuple[torch.Tensor, bool]:
+            x, was_numpy = self._validate_add(embeddings, doc_ids)
+            lo, hi = shard_bounds(x.shape[0], self.world_size, self.rank)
+            if hi > lo:  # e.g. an IVF nlist larger than this rank's block: fail everywhere
+                self.local._check_first_add(hi - lo)
+            return x, was_numpy
+
+        x, was_numpy = self._checked("add()", _batch_signature(embeddings, doc_ids), validate)
         n = x.shape[0]
         lo, hi = shard_bounds(n, self.world_size, self.rank)
         start = self._ntotal
@@ -454,9 +458,14 @@ class DistributedIMRNNIndex:
         rank's global ids (same type as given).
         """
         sig = "add_shard"  # the rows differ by design; the call itself must match
-        x, was_numpy = self._checked(
-            "add_shard()", sig, lambda: self._validate_add(embeddings, doc_ids, allow_empty=True)
-        )
+
+        def validate() -> tuple[torch.Tensor, bool]:
+            x, was_numpy = self._validate_add(embeddings, doc_ids, allow_empty=True)
+            if x.shape[0] > 0:
+                self.local._check_first_add(x.shape[0])
+            return x, was_numpy
+
+        x, was_numpy = self._checked("add_shard()", sig, validate)
         counts = [int(c) for c in self._gather_object(int(x.shape[0]))]
         named = self._gather_object(doc_ids is not None)
         if len(set(named)) > 1:
@@ -612,8 +621,7 @@ class DistributedIMRNNIndex:
         def validate() -> None:
             if self._ntotal == 0:
                 raise ValueError("the index is empty: nothing to save")
-            if directory.exists() and not directory.is_dir():
-                raise ValueError(f"{directory} exists and is not a directory")
+            check_replaceable(directory, "manifest.json")
 
         self._checked("save()", str(directory), validate)
         cache = self.local.document_cache
@@ -939,31 +947,10 @@ def _shard_settings(cfg: dict[str, Any], rows: int) -> dict[str, Any]:
 
 def _read_manifest(directory: Path, verify: bool) -> dict[str, Any]:
     """The checks of ``IMRNNIndex.load`` on the manifest and the files it lists."""
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{directory} is not an IMRNN index: no manifest.json")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexError_(f"{manifest_path}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != _index.FORMAT:
-        raise IndexError_(f"{manifest_path}: not an {_index.FORMAT} manifest")
-    if manifest.get("format_version", 0) > _index.FORMAT_VERSION:
-        raise IndexError_(f"{manifest_path}: format_version is newer than this library reads")
-    for rel, meta in manifest.get("files", {}).items():
-        path = directory / rel
-        if not path.is_file():
-            raise FileNotFoundError(f"index file missing: {path}")
-        if path.stat().st_size != meta["bytes"]:
-            raise IndexError_(
-                f"{path}: {path.stat().st_size} bytes, the manifest says {meta['bytes']}: "
-                "the file is truncated or was modified"
-            )
-        if verify and _index._sha256(path) != meta["sha256"]:
-            raise IndexError_(f"{path}: SHA-256 differs from the manifest: the file was modified")
-    cfg = manifest.get("index")
-    if not isinstance(cfg, dict) or cfg.get("storage_dtype") not in STORAGE_DTYPES:
-        raise IndexError_(f"{manifest_path}: missing or invalid 'index' settings")
+    manifest = _index.read_manifest(directory, verify)
+    cfg = manifest["index"]
+    if cfg.get("storage_dtype") not in STORAGE_DTYPES:
+        raise IndexError_(f"{directory / 'manifest.json'}: missing or invalid 'index' settings")
     return manifest
 
 

@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import imrnns_kernels as K
-from imrnns._atomic import atomic_directory, resolve_directory
+from imrnns._atomic import atomic_directory, check_replaceable, resolve_directory
 from imrnns.checkpoints import load_pretrained, save_pretrained
 from imrnns.model import IMRNN
 from imrnns_kernels import _validation as V
@@ -173,7 +173,7 @@ class IMRNNIndex:
         cache_document_transforms: precompute each document's HyperNet result at ``add`` time
             (it depends only on the document): ``(N, 2m)`` for diagonal, the ``(N, 64)``
             hidden states for affine. Costs that memory, saves the MLP per query.
-        nlist, nprobe: IVF parameters (nlist default: about 4 sqrt(N) at first add).
+        nlist, nprobe: IVF parameters (nlist default: about 4 sqrt(N), at most N, at first add).
         hnsw_m, ef_search: HNSW parameters.
         device: where the projected corpus and the model live (default: the model's device).
         encoder: a fingerprint naming the encoder the embeddings come from; ``search`` and
@@ -206,6 +206,18 @@ class IMRNNIndex:
             raise ValueError(
                 f"first_stage_space must be one of {SPACES}, got {first_stage_space!r}"
             )
+        # faiss does not check these: hnsw_m < 2 crashes the process (abort, segfault) or
+        # hangs, nprobe or ef_search < 1 fail or silently return too few hits at search time.
+        for name, value, least in (
+            ("nlist", nlist, 1),
+            ("nprobe", nprobe, 1),
+            ("hnsw_m", hnsw_m, 2),
+            ("ef_search", ef_search, 1),
+        ):
+            if value is None and name == "nlist":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else model.device
         self.model.to(self.device)
@@ -263,17 +275,25 @@ class IMRNNIndex:
             index = faiss.IndexHNSWFlat(dim, self.hnsw_m, metric)
             index.hnsw.efSearch = self.ef_search
         else:
-            nlist = self.nlist or max(1, int(4 * np.sqrt(len(train))))
-            if len(train) < nlist:
-                raise ValueError(
-                    f"an IVF first stage with nlist={nlist} needs at least {nlist} documents in "
-                    f"the first add(), got {len(train)}"
-                )
+            self._check_first_add(len(train))
+            nlist = self.nlist or _auto_nlist(len(train))
             self.nlist = nlist
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, metric)
             index.train(train)
             index.nprobe = self.nprobe
         return _maybe_to_gpu(index, self.device)
+
+    def _check_first_add(self, rows: int) -> None:
+        """Raise ValueError if a first ``add`` of ``rows`` documents cannot build the first stage.
+
+        An explicit IVF ``nlist`` needs at least that many documents to train on; the default
+        (about 4 sqrt(N), at most N) always fits. Called before anything changes.
+        """
+        if self._faiss is None and self.first_stage == "ivf" and self.nlist and rows < self.nlist:
+            raise ValueError(
+                f"an IVF first stage with nlist={self.nlist} needs at least {self.nlist} "
+                f"documents in the first add(), got {rows}"
+            )
 
     @torch.no_grad()
     def add(
@@ -299,6 +319,7 @@ class IMRNNIndex:
         if x.shape[0] == 0:
             raise ValueError("embeddings is empty: nothing to add")
         V.check_finite("embeddings", x)
+        self._check_first_add(x.shape[0])
         start = self.ntotal
         projected, space = [], []
         for lo in range(0, x.shape[0], ADD_CHUNK):
@@ -381,7 +402,7 @@ class IMRNNIndex:
         q, _, kf = self._checked(queries, 1, "rerank", feedback_k, encoder)
         parts = [
             self._query_state_chunk(q[lo : lo + SEARCH_CHUNK], kf)
-            for lo in range(0, q.shape[0], SEARCH_CHUNK)
+            for lo in range(0, max(q.shape[0], 1), SEARCH_CHUNK)  # B = 0: one empty block
         ]
         if len(parts) == 1:
             return parts[0]
@@ -515,11 +536,14 @@ class IMRNNIndex:
         Layout: ``manifest.json`` (config, sizes, SHA-256 of every file), ``adapter/`` (the
         model, as :meth:`IMRNN.save_pretrained`), ``corpus.safetensors`` (projected corpus,
         per-document cache), ``first_stage.faiss``. A failure at any point leaves the
-        previous content of ``directory`` intact.
+        previous content of ``directory`` intact. ``directory`` must be new, empty, or an
+        index saved before (it is replaced as a whole): a directory of other files raises
+        ValueError.
         """
         directory = Path(directory)
         if self._faiss is None:
             raise ValueError("the index is empty: nothing to save")
+        check_replaceable(directory, "manifest.json")
         with atomic_directory(directory) as tmp:
             save_pretrained(self.model, tmp / "adapter")
             tensors = {"projected": self._corpus.detach().cpu().contiguous()}
@@ -573,36 +597,18 @@ class IMRNNIndex:
             ValueError: a file is truncated or modified, or the pieces disagree.
         """
         directory = resolve_directory(directory)
-        manifest_path = directory / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{directory} is not an IMRNN index: no manifest.json")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise IndexError_(f"{manifest_path}: not valid JSON ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise IndexError_(f"{manifest_path}: not an {FORMAT} manifest")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise IndexError_(f"{manifest_path}: format_version is newer than this library reads")
-        for rel, meta in manifest.get("files", {}).items():
-            path = directory / rel
-            if not path.is_file():
-                raise FileNotFoundError(f"index file missing: {path}")
-            if path.stat().st_size != meta["bytes"]:
-                raise IndexError_(
-                    f"{path}: {path.stat().st_size} bytes, the manifest says {meta['bytes']}: "
-                    "the file is truncated or was modified"
-                )
-            if verify and _sha256(path) != meta["sha256"]:
-                raise IndexError_(
-                    f"{path}: SHA-256 differs from the manifest: the file was modified"
-                )
+        manifest = read_manifest(directory, verify)
         model = load_pretrained(directory / "adapter")
         cfg = dict(manifest["index"])
-        n = manifest.get("ntotal")
+        n = manifest["ntotal"]
         if rows is not None:
             return cls._load_rows(directory, manifest, model, rows, device)
-        index = cls(model, device=device or "cpu", **cfg)
+        try:
+            index = cls(model, device=device or "cpu", **cfg)
+        except (TypeError, ValueError) as exc:
+            raise IndexError_(
+                f"{directory / 'manifest.json'}: invalid index settings ({exc})"
+            ) from exc
         try:
             tensors = load_file(str(directory / "corpus.safetensors"))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -624,11 +630,8 @@ class IMRNNIndex:
             raise IndexError_(
                 f"{directory}: first stage holds {index._faiss.ntotal} rows, corpus {n}"
             )
-        doc_ids_path = directory / "doc_ids.json"
-        if "doc_ids.json" in manifest.get("files", {}):
-            index.doc_ids = json.loads(doc_ids_path.read_text())
-            if len(index.doc_ids) != n:
-                raise IndexError_(f"{doc_ids_path}: {len(index.doc_ids)} ids for {n} documents")
+        if "doc_ids.json" in manifest["files"]:
+            index.doc_ids = _read_doc_ids(directory / "doc_ids.json", n)
         if index.first_stage == "ivf":
             faiss.extract_index_ivf(index._faiss).nprobe = index.nprobe
         return index
@@ -673,13 +676,16 @@ class IMRNNIndex:
         vectors = _reconstruct(saved, lo, hi)
         del saved
         names = None
-        if "doc_ids.json" in manifest.get("files", {}):
-            names = json.loads((directory / "doc_ids.json").read_text())
-            if len(names) != n:
-                raise IndexError_(f"{directory / 'doc_ids.json'}: {len(names)} ids for {n}")
-            names = names[lo:hi]
+        if "doc_ids.json" in manifest["files"]:
+            names = _read_doc_ids(directory / "doc_ids.json", n)[lo:hi]
         if cfg.get("first_stage") == "ivf" and (cfg.get("nlist") or 0) > hi - lo:
             cfg["nlist"] = None  # the saved nlist was sized for the whole corpus
+        try:
+            cls(model, device="cpu", **cfg)  # the saved settings, checked before any work
+        except (TypeError, ValueError) as exc:
+            raise IndexError_(
+                f"{directory / 'manifest.json'}: invalid index settings ({exc})"
+            ) from exc
         return cls.from_parts(
             model,
             corpus,
@@ -752,6 +758,84 @@ class IMRNNIndex:
         if not 0 <= lo <= hi <= self.ntotal:
             raise ValueError(f"rows must satisfy 0 <= lo <= hi <= {self.ntotal}, got {lo}, {hi}")
         return _reconstruct(self._faiss, lo, hi)
+
+
+def _auto_nlist(rows: int) -> int:
+    """The default IVF nlist for a first add of ``rows`` documents: about 4 sqrt(N), <= N."""
+    return max(1, min(rows, int(4 * np.sqrt(rows))))
+
+
+# Files every index directory holds (doc_ids.json only when the documents are named).
+REQUIRED_FILES = (
+    "adapter/config.json",
+    "adapter/model.safetensors",
+    "corpus.safetensors",
+    "first_stage.faiss",
+)
+
+
+def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of an index directory, checked, with every file it lists checked.
+
+    Raises:
+        FileNotFoundError: no manifest, or a file it lists is missing.
+        IndexError_: (a ValueError) the manifest is malformed (the message names it), or a
+            file's size (and, with ``verify``, SHA-256) differs from the manifest's.
+    """
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{directory} is not an IMRNN index: no manifest.json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexError_(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexError_(f"{manifest_path}: not an {FORMAT} manifest")
+    version = manifest.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise IndexError_(f"{manifest_path}: format_version must be an int, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise IndexError_(f"{manifest_path}: format_version is newer than this library reads")
+    n, cfg, files = manifest.get("ntotal"), manifest.get("index"), manifest.get("files")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise IndexError_(f"{manifest_path}: 'ntotal' must be an int >= 0, got {n!r}")
+    if not isinstance(cfg, dict):
+        raise IndexError_(f"{manifest_path}: missing or invalid 'index' settings")
+    if not isinstance(files, dict) or not all(
+        isinstance(meta, dict)
+        and isinstance(meta.get("bytes"), int)
+        and isinstance(meta.get("sha256"), str)
+        for meta in files.values()
+    ):
+        raise IndexError_(f"{manifest_path}: 'files' must map names to their bytes and sha256")
+    missing = [rel for rel in REQUIRED_FILES if rel not in files]
+    if missing:
+        raise IndexError_(f"{manifest_path}: does not list the index files {missing}")
+    for rel, meta in files.items():
+        path = directory / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"index file missing: {path}")
+        if path.stat().st_size != meta["bytes"]:
+            raise IndexError_(
+                f"{path}: {path.stat().st_size} bytes, the manifest says {meta['bytes']}: "
+                "the file is truncated or was modified"
+            )
+        if verify and _sha256(path) != meta["sha256"]:
+            raise IndexError_(f"{path}: SHA-256 differs from the manifest: the file was modified")
+    return manifest
+
+
+def _read_doc_ids(path: Path, n: int) -> list[str]:
+    """The ``n`` document names in ``path`` (``doc_ids.json``), or IndexError_ naming it."""
+    try:
+        names = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexError_(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(names, list) or not all(isinstance(d, str) for d in names):
+        raise IndexError_(f"{path}: expected a JSON list of strings")
+    if len(names) != n:
+        raise IndexError_(f"{path}: {len(names)} ids for {n} documents")
+    return names
 
 
 def _reconstruct(index: Any, lo: int, hi: int) -> np.ndarray:

@@ -19,6 +19,7 @@ behind its dispatcher without touching this file.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +89,9 @@ class IMRNNConfig:
         object.__setattr__(self, "hidden_dims", (int(hidden[0]), int(hidden[1])))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 <= eps < math.inf:
+            raise ValueError(f"layer_norm_eps must be a finite float >= 0, got {eps!r}")
 
     @property
     def working_dim(self) -> int:

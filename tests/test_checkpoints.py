@@ -207,3 +207,28 @@ def test_saving_the_same_model_twice_gives_identical_bytes(tmp_path):
     loaded = load_pretrained(tmp_path / "ck3")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_save_refuses_to_replace_a_directory_of_other_files(tmp_path):
+    # Regression: the atomic swap replaced the directory as a whole, deleting unrelated files.
+    model = randomised(IMRNNConfig(input_dim=8))
+    target = tmp_path / "work"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="non-empty directory without config.json"):
+        model.save_pretrained(target)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model.save_pretrained(empty)  # an empty directory, or an earlier checkpoint, is fine
+    model.save_pretrained(empty)
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_non_int_format_version_is_a_checkpoint_error(tmp_path):
+    out = randomised(IMRNNConfig(input_dim=8)).save_pretrained(tmp_path / "adapter")
+    payload = json.loads((out / "config.json").read_text())
+    payload["format_version"] = "1"
+    (out / "config.json").write_text(json.dumps(payload))
+    with pytest.raises(CheckpointError, match="config.json: format_version must be an int"):
+        IMRNN.from_pretrained(out)

@@ -494,3 +494,22 @@ def test_cli_search_distributed_under_torchrun(tmp_path, capsys):
         np.testing.assert_allclose(
             [h["score"] for h in a["hits"]], [h["score"] for h in b["hits"]], atol=1e-6
         )
+
+
+def test_add_checks_each_ranks_first_stage_before_any_rank_adds(monkeypatch):
+    # Regression: an explicit IVF nlist larger than a rank's block raised inside that rank's
+    # local add(), after the cross-rank validation, so the other ranks went on (and then
+    # waited in the next collective). The check is now part of the validation every rank
+    # shares: the local add must never be reached.
+    index = DistributedIMRNNIndex(make_model("diag-v02"), feedback_k=5, first_stage="ivf", nlist=20)
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("local add() reached: the error escaped the shared validation")
+
+    monkeypatch.setattr(index.local, "add", unreachable)
+    corpus = np.random.default_rng(0).standard_normal((10, DIM)).astype(np.float32)
+    with pytest.raises(ValueError, match="nlist=20 needs at least 20 documents"):
+        index.add(corpus)
+    with pytest.raises(ValueError, match="nlist=20 needs at least 20 documents"):
+        index.add_shard(corpus)
+    assert index.ntotal == 0 and index.local_ntotal == 0

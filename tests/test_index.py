@@ -262,3 +262,100 @@ def test_single_query_and_uses_fused_ops(corpus, queries):
         s2, i2 = index.search(queries[:1], 4)
     np.testing.assert_array_equal(i, i2)
     np.testing.assert_allclose(s, s2, atol=1e-5)
+
+
+def test_ivf_default_nlist_fits_small_corpora(tmp_path, corpus, queries):
+    # Regression: the default nlist (4 sqrt(N)) exceeded N below 16 documents, so a small
+    # first add() and load(rows=...) of a small IVF slice raised.
+    small = IMRNNIndex(model_for(), feedback_k=5, first_stage="ivf")
+    small.add(corpus[:10])
+    assert small.nlist <= 10 and small.search(queries, 3)[1].shape == (5, 3)
+    index = IMRNNIndex(model_for(), feedback_k=5, first_stage="ivf")
+    index.add(corpus[:100])
+    index.save(tmp_path / "idx")
+    part = IMRNNIndex.load(tmp_path / "idx", rows=(3, 8))
+    assert part.ntotal == 5 and part.search(queries, 3)[1].max() < 5
+    explicit = IMRNNIndex(model_for(), feedback_k=5, first_stage="ivf", nlist=20)
+    with pytest.raises(ValueError, match="nlist=20 needs at least 20 documents"):
+        explicit.add(corpus[:10])
+    assert explicit.ntotal == 0 and explicit.first_stage_vectors().shape[0] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"first_stage": "hnsw", "hnsw_m": 1},  # faiss segfaults
+        {"first_stage": "hnsw", "hnsw_m": 0},  # faiss aborts
+        {"first_stage": "hnsw", "hnsw_m": -1},  # faiss hangs
+        {"first_stage": "hnsw", "ef_search": 0},
+        {"first_stage": "ivf", "nprobe": 0},
+        {"first_stage": "ivf", "nlist": 0},
+        {"first_stage": "ivf", "nlist": 2.5},
+    ],
+)
+def test_invalid_faiss_parameters_are_rejected_up_front(kwargs):
+    name = next(k for k in kwargs if k != "first_stage")
+    with pytest.raises(ValueError, match=f"{name} must"):
+        IMRNNIndex(model_for(), feedback_k=5, **kwargs)
+
+
+def test_save_refuses_to_replace_a_directory_of_other_files(tmp_path, corpus):
+    # Regression: save() swapped its directory in as a whole, deleting unrelated files.
+    index = IMRNNIndex(model_for(), feedback_k=5)
+    index.add(corpus[:20])
+    target = tmp_path / "work"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="non-empty directory without manifest.json"):
+        index.save(target)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    index.save(tmp_path / "idx")
+    index.save(tmp_path / "idx")  # replacing an earlier index is the point
+    assert IMRNNIndex.load(tmp_path / "idx").ntotal == 20
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda m: m.pop("index"), "invalid 'index' settings"),
+        (lambda m: m.pop("ntotal"), "'ntotal' must be"),
+        (lambda m: m.__setitem__("files", []), "'files' must map"),
+        (lambda m: m["files"]["corpus.safetensors"].pop("bytes"), "'files' must map"),
+        (lambda m: m["files"].pop("corpus.safetensors"), "does not list"),
+        (lambda m: m.__setitem__("format_version", "1"), "format_version must be an int"),
+        (lambda m: m["index"].__setitem__("bogus", 1), "invalid index settings"),
+    ],
+)
+@pytest.mark.parametrize("rows", [None, (0, 5)])
+def test_malformed_manifest_is_an_index_error_naming_it(tmp_path, corpus, edit, pattern, rows):
+    # Regression: KeyError / AttributeError / TypeError that named no file, and a manifest
+    # that no longer listed a file skipped that file's checks.
+    index = IMRNNIndex(model_for(), feedback_k=5)
+    index.add(corpus[:20])
+    index.save(tmp_path / "idx")
+    path = tmp_path / "idx" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IndexError_, match=f"manifest.json: .*{pattern}"):
+        IMRNNIndex.load(tmp_path / "idx", rows=rows)
+
+
+def test_unreadable_doc_ids_name_the_file_without_verify(tmp_path, corpus):
+    index = IMRNNIndex(model_for(), feedback_k=5)
+    index.add(corpus[:20], doc_ids=[f"d{i}" for i in range(20)])
+    index.save(tmp_path / "idx")
+    path = tmp_path / "idx" / "doc_ids.json"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] = 0xFF  # same size, not UTF-8
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IndexError_, match="doc_ids.json: not valid JSON"):
+        IMRNNIndex.load(tmp_path / "idx", verify=False)
+
+
+def test_query_state_of_no_queries(corpus):
+    # Regression: search() of (0, n) queries worked, query_state() failed in torch.cat.
+    index = IMRNNIndex(model_for(), feedback_k=5)
+    index.add(corpus[:20])
+    state = index.query_state(np.zeros((0, DIM), np.float32))
+    assert state.feedback_ids.shape == (0, 5) and state.modulated_queries.shape == (0, DIM)

@@ -194,6 +194,10 @@ def test_reduced_precision_inputs_are_upcast():
         {"input_dim": 8, "feedback_temperature": 0.0},
         {"input_dim": 8, "hidden_dims": (128,)},
         {"input_dim": 8, "dropout": 1.0},
+        # Regression: accepted, then every score failed as "queries contains NaN/Inf".
+        {"input_dim": 8, "layer_norm_eps": -1.0},
+        {"input_dim": 8, "layer_norm_eps": float("nan")},
+        {"input_dim": 8, "layer_norm_eps": "1e-5"},
     ],
 )
 def test_config_validation(kwargs):
