@@ -30,9 +30,22 @@ def _encoder(name: str, cache: str | None, quiet: bool = False) -> Any:
 
 def _emit(payload: dict[str, Any], as_json: bool, text: str) -> None:
     if as_json:
-        print(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable))
+        print(json.dumps(_finite(payload), indent=2, sort_keys=False, default=_jsonable,
+                         allow_nan=False))  # fmt: skip
     else:
         print(text)
+
+
+def _finite(x: Any) -> Any:
+    """Strict-JSON copy: NaN/inf (an empty subset's mean, t of a constant shift) -> None.
+    ``json.dumps`` would write the bare tokens ``NaN``/``Infinity``, which are not JSON."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+        return None
+    return x
 
 
 def _jsonable(x: Any) -> Any:
@@ -447,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    # OSError: FileNotFoundError, and an output path that is a directory or not writable.
+    except (ValueError, TypeError, OSError) as exc:
         _log(f"imrnns {args.command}: error: {exc}")
         return 2
 

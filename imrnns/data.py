@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,11 @@ from typing import IO
 __all__ = ["BeirDataset", "load_beir", "load_corpus_fields", "scifact_path", "seen_doc_split"]
 
 _QRELS_HEADER = ("query-id", "corpus-id", "score")
+# Largest |relevance grade| accepted. Real scales use -2..4; past this, graded training's
+# 2^g gains overflow float32 (g >= 128) and trec_eval allocates per grade level (a grade of
+# 2^31 - 1 took 17 GB) or wraps the value to a C int (2^32 scores as 0).
+MAX_GRADE = 100
+_INT_RE = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,9 @@ def load_beir(data_dir: str | Path, split: str = "test") -> BeirDataset:
         FileNotFoundError: the folder, a file, or the split is missing (the message lists
             the splits that exist).
         ValueError: a malformed line (bad JSON, missing ``_id``, wrong column count,
-            non-integer score), a duplicate id, or a judgement naming an unknown query or
-            document; the message names the file and the 1-based line number.
+            non-integer score, or one beyond ``MAX_GRADE`` in magnitude), a duplicate id,
+            or a judgement naming an unknown query or document; the message names the
+            file and the 1-based line number.
     """
     root = Path(data_dir).expanduser()
     if not root.is_dir():
@@ -340,12 +347,14 @@ def _read_qrels(
                 f"(query-id, corpus-id, score), got {len(cols)}: {line!r}"
             )
         qid, doc_id, score_str = (c.strip() for c in cols)
-        try:
-            score = int(score_str)
-        except ValueError:
+        # ASCII digits only: int() would also take "1_0" (10) and non-ASCII digits.
+        if not _INT_RE.fullmatch(score_str):
+            raise ValueError(f"{path}:{lineno}: score must be an integer, got {score_str!r}")
+        score = int(score_str)
+        if abs(score) > MAX_GRADE:
             raise ValueError(
-                f"{path}:{lineno}: score must be an integer, got {score_str!r}"
-            ) from None
+                f"{path}:{lineno}: score {score} out of range [-{MAX_GRADE}, {MAX_GRADE}]"
+            )
         if qid not in queries:
             raise ValueError(f"{path}:{lineno}: unknown query id {qid!r} (not in queries)")
         if doc_id not in doc_ids:

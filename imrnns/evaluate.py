@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,6 +268,10 @@ def evaluate_embeddings(
         missing = [q for q in query_ids if q not in pos]
         if missing:
             raise ValueError(f"query_ids not in the {ds.split} split: {missing[:5]}")
+        if len(set(query_ids)) != len(query_ids):
+            # A repeated id would count twice in every mean and significance test.
+            dup = sorted(q for q, c in Counter(query_ids).items() if c > 1)
+            raise ValueError(f"query_ids has duplicates: {dup[:5]}")
         qids = list(query_ids)
         rows = np.array([pos[q] for q in qids], dtype=np.int64)
     if not qids:
@@ -471,7 +476,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         encoder=args.encoder, cache_dir=args.cache, per_query_path=args.per_query,
         permutations=args.permutations, show_progress=not args.json,
     )  # fmt: skip
-    print(json.dumps(result, indent=2, sort_keys=True) if args.json else format_table(result))
+    if args.json:
+        from imrnns.cli import _finite  # NaN/inf -> null: bare NaN is not JSON
+
+        print(json.dumps(_finite(result), indent=2, sort_keys=True, allow_nan=False))
+    else:
+        print(format_table(result))
     return 0
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytrec_eval
 from scipy import stats
 
+from imrnns.data import MAX_GRADE
+
 METRICS = ("nDCG@10", "Recall@100", "MRR@10")
 
 
@@ -48,8 +50,12 @@ def evaluate_run(
     A query of ``qrels`` missing from ``run`` scores 0 on every metric (trec_eval would drop
     it and inflate the mean).
     """
-    qrels = {q: {d: int(r) for d, r in docs.items()} for q, docs in qrels.items()}
+    qrels = {q: {d: _grade(q, d, r) for d, r in docs.items()} for q, docs in qrels.items()}
     full = {q: dict(run.get(q, {})) for q in qrels}
+    for q, docs in full.items():
+        bad = [d for d, s in docs.items() if not math.isfinite(s)]
+        if bad:
+            raise ValueError(f"run scores must be finite: query {q!r}, document {bad[0]!r}")
     top10 = {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:10]) for q, docs in full.items()}
     main = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(full)
     mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
@@ -62,6 +68,19 @@ def evaluate_run(
             "MRR@10": float(r.get("recip_rank", 0.0)),
         }
     return out
+
+
+def _grade(qid: str, doc_id: str, r: object) -> int:
+    """A qrels grade as an int: int() alone truncates 1.5 to 1, and trec_eval wraps grades
+    beyond a C int (2^32 scores as 0) and allocates per level (2^31 - 1 took 17 GB)."""
+    if isinstance(r, bool) or not isinstance(r, (int, float, np.integer, np.floating)):
+        raise ValueError(f"qrels grade of ({qid!r}, {doc_id!r}) must be an int, got {r!r}")
+    if not float(r).is_integer() or abs(r) > MAX_GRADE:
+        raise ValueError(
+            f"qrels grade of ({qid!r}, {doc_id!r}) must be an int in "
+            f"[-{MAX_GRADE}, {MAX_GRADE}], got {r!r}"
+        )
+    return int(r)
 
 
 def mean_metrics(
@@ -82,11 +101,16 @@ def paired_tests(
     Returns ``{"delta", "t", "p_ttest", "p_randomisation"}``. The randomisation test flips
     the sign of each per-query difference at random (Smucker et al., 2007).
     """
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations <= 0:
+        # 0 would report p = 1.0 from no samples at all.
+        raise ValueError(f"permutations must be a positive int, got {permutations!r}")
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
         raise ValueError(
             f"paired tests need two equal-length lists (>= 2), got {x.shape}, {y.shape}"
         )
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("paired tests need finite per-query values (got NaN or Inf)")
     d = y - x
     delta = float(d.mean())
     if float(d.std()) == 0.0:  # scipy returns NaN for identical lists; the answer is known

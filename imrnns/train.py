@@ -100,6 +100,13 @@ PROJECTOR_INITS = ("auto", "identity", "pca", "random")
 # "" (off), the document title, or the first sentence of its text (see pseudo_query_texts).
 PSEUDO_SOURCES = ("", "title", "first_sentence")
 FREEZABLE = ("projector", "query_hypernet", "doc_hypernet", "query_norm", "doc_norm")
+# Parsed with str.split; the other string fields are checked against their allowed values.
+_STR_FIELDS = ("loss", "freeze")
+_BOOL_FIELDS = ("in_batch_negatives", "graded")
+_FLOAT_FIELDS = ("temperature", "margin", "improvement_margin", "distill_weight",
+                 "distill_temperature", "anchor_weight", "dropout", "query_noise", "lr",
+                 "weight_decay", "warmup", "max_grad_norm", "ema_decay", "val_fraction",
+                 "pseudo_weight")  # fmt: skip
 STATE_NAME = "trainer_state.pt"
 SUMMARY_NAME = "training.json"
 
@@ -224,6 +231,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.hidden_dims, list):  # from JSON
             object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
+        # Types first: a CLI --set value that is not valid JSON arrives as a string
+        # ("graded=False" is the truthy string "False"), and comparing it below would
+        # raise an unhelpful TypeError or, for a bool, be silently accepted.
+        for name in _STR_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise ValueError(f"{name} must be a string, got {v!r}")
+        for name in _BOOL_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be true or false, got {v!r}")
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         terms = self.loss_terms
         bad = [t for t in terms if t not in LOSSES]
         if bad or not terms:
@@ -240,15 +262,15 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.cited_negatives > self.num_negatives:
-            raise ValueError(
-                f"cited_negatives ({self.cited_negatives}) cannot exceed num_negatives "
-                f"({self.num_negatives})"
-            )
         for name in ("num_negatives", "cited_negatives", "patience", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if self.cited_negatives > self.num_negatives:  # after the type checks: "abc" > 3
+            raise ValueError(
+                f"cited_negatives ({self.cited_negatives}) cannot exceed num_negatives "
+                f"({self.num_negatives})"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         for name in ("temperature", "lr", "distill_temperature"):
@@ -263,6 +285,7 @@ class TrainConfig:
             "weight_decay",
             "max_grad_norm",
             "distill_weight",
+            "anchor_weight",
             "query_noise",
         ):
             if not getattr(self, name) >= 0:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from imrnns import IMRNN, IMRNNConfig
@@ -127,3 +128,38 @@ def test_encode_and_search_on_real_text(tmp_path, capsys):
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["search", "--data", str(tmp_path / "missing"), "--json", "x"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_evaluate_json_is_strict_and_os_errors_exit_2(monkeypatch, tmp_path, capsys):
+    """--json wrote NaN (an empty subset's mean) as the non-JSON token NaN; an output path
+    that is a directory ended in a traceback (exit 1) instead of an error line (exit 2)."""
+    import imrnns.evaluate as ev
+
+    def fake(**kwargs):
+        if kwargs["per_query_out"] is not None:  # the real writer, on a directory
+            ev.write_per_query(kwargs["per_query_out"], {"per_query": {}})
+        nan = float("nan")
+        return {"base": {"nDCG@10": 0.5, "seen_doc": {"nDCG@10": nan, "num_queries": 0}},
+                "t": np.float32("inf")}  # fmt: skip
+
+    monkeypatch.setattr(ev, "evaluate_beir", fake)
+    assert main(["evaluate", "--checkpoint", "x", "--json"]) == 0
+
+    def strict(token):
+        raise AssertionError(f"non-JSON token {token}")
+
+    out = json.loads(capsys.readouterr().out, parse_constant=strict)
+    assert out["base"]["seen_doc"]["nDCG@10"] is None and out["t"] is None
+    (tmp_path / "dir").mkdir()
+    argv = ["evaluate", "--checkpoint", "x", "--json", "--per-query", str(tmp_path / "dir")]
+    assert main(argv) == 2
+    assert "imrnns evaluate: error:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]  # no temporary left behind
+
+
+def test_train_bad_set_values_exit_2(capsys):
+    # loss=1 raised AttributeError (traceback); graded=False was the truthy string "False".
+    for item in ("loss=1", "graded=False", "lr=Infinity", "temperature=abc"):
+        assert main(["train", "--out", "unused", "--set", item, "--json"]) == 2
+        key = item.split("=")[0]
+        assert f"imrnns train: error: {key} must be" in capsys.readouterr().err

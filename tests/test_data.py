@@ -272,3 +272,24 @@ def test_seen_doc_split_rules() -> None:
         "u": {},  # nothing relevant: unseen
     }
     assert seen_doc_split(train, test) == (["x", "y"], ["w", "v", "u"])
+
+
+@pytest.mark.parametrize(
+    ("score", "match"),
+    [
+        # int() would read these as 10 and 1: a malformed grade must not load as another.
+        ("1_0", r"test\.tsv:2: score must be an integer, got '1_0'"),
+        ("\u0661", r"test\.tsv:2: score must be an integer"),
+        # pytrec_eval wraps 2^32 to 0, allocates per grade level (2^31 - 1: 17 GB) and
+        # segfaults on 2^40; graded training's 2^g gains overflow float32 past 127.
+        ("4294967296", r"test\.tsv:2: score 4294967296 out of range"),
+        ("-200", r"test\.tsv:2: score -200 out of range"),
+    ],
+)
+def test_qrels_score_strict_integer_in_range(tmp_path: Path, score: str, match: str) -> None:
+    _expect_error(make_beir(tmp_path, test=f"query-id\tcorpus-id\tscore\nq1\td2\t{score}\n"), match)
+
+
+def test_qrels_negative_and_signed_grades_load(tmp_path: Path) -> None:
+    ds = load_beir(make_beir(tmp_path, test="query-id\tcorpus-id\tscore\nq1\td2\t-1\nq1\td4\t+2\n"))
+    assert ds.qrels == {"q1": {"d2": -1, "d4": 2}}

@@ -203,3 +203,30 @@ def test_embedded_split_validates_its_arrays() -> None:
         EmbeddedSplit(split.dataset, split.corpus, bad)
     with pytest.raises(ValueError, match="same encoder"):
         EmbeddedSplit(split.dataset, split.corpus, np.zeros((3, 5), dtype=np.float32))
+
+
+def test_duplicate_query_ids_are_refused() -> None:
+    # A repeated id counted twice in every mean (num_queries 3 for 2 distinct queries).
+    with pytest.raises(ValueError, match=r"query_ids has duplicates: \['q0'\]"):
+        evaluate_embeddings(tiny_split(), None, query_ids=["q0", "q1", "q0"])
+
+
+def test_main_json_is_strict_when_a_subset_is_empty(tmp_path: Path, monkeypatch, capsys) -> None:
+    """An empty seen-doc subset has NaN means; ``--json`` wrote the bare token NaN (not JSON)."""
+    import imrnns.evaluate as ev
+
+    root = _beir(tmp_path / "beir", train_qrels="query-id\tcorpus-id\tscore\nt0\td1\t0\n")
+    real = ev.evaluate_beir
+    monkeypatch.setattr(
+        ev, "evaluate_beir", lambda *a, **k: real(*a, **{**k, "embedded": tiny_split()})
+    )
+    assert ev.main(["--data", str(root), "--json", "--permutations", "50"]) == 0
+
+    def strict(token: str) -> None:
+        raise AssertionError(f"non-JSON token {token}")
+
+    out = json.loads(capsys.readouterr().out, parse_constant=strict)
+    assert out["base"]["seen_doc"] == {
+        "nDCG@10": None, "Recall@100": None, "MRR@10": None, "num_queries": 0,
+    }  # fmt: skip
+    assert out["base"]["unseen_doc"]["num_queries"] == 3

@@ -126,3 +126,35 @@ def test_paired_tests_rejects_bad_input() -> None:
         paired_tests([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="equal-length"):
         paired_tests([1.0], [1.0])
+
+
+@pytest.mark.parametrize(
+    "grade",
+    [1.5, 0.9, True, "1", math.nan, 2**32, 2**40, -(2**31) - 1],
+)
+def test_evaluate_run_rejects_bad_grades(grade: object) -> None:
+    # int() truncated 1.5 and 0.9; pytrec_eval wrapped 2^32 to 0 (nDCG 0), made
+    # -(2^31 + 1) relevant, and crashed the process (segfault) on 2^40.
+    with pytest.raises(ValueError, match=r"qrels grade of \('q', 'b'\)"):
+        evaluate_run({"q": {"b": grade}}, {"q": _ranked("a", "b")})
+
+
+def test_evaluate_run_accepts_integral_grades_of_any_numeric_type() -> None:
+    run = {"q": _ranked("a", "b")}
+    expected = evaluate_run({"q": {"b": 2}}, run)
+    assert evaluate_run({"q": {"b": 2.0}}, run) == expected
+    assert evaluate_run({"q": {"b": np.int64(2)}}, run) == expected
+
+
+def test_evaluate_run_rejects_non_finite_run_scores() -> None:
+    with pytest.raises(ValueError, match="run scores must be finite"):
+        evaluate_run({"q": {"a": 1}}, {"q": {"a": math.nan, "b": 1.0}})
+
+
+def test_paired_tests_rejects_nan_and_no_permutations() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        paired_tests([0.1, math.nan], [0.2, 0.3])
+    # 0 permutations reported p = 1.0 from no samples.
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="permutations must be a positive int"):
+            paired_tests([0.1, 0.2], [0.2, 0.3], permutations=bad)

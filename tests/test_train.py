@@ -28,6 +28,7 @@ from imrnns.train import (
     _ce_loss,
     _distill,
     _loss,
+    parse_overrides,
     prepare_training_data,
     split_validation,
     train,
@@ -113,6 +114,30 @@ def test_config_rejects_bad_values(field: str, value: object, match: str | None)
         return
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("item", "match"),
+    [
+        # Not JSON, so kept as the string "False": truthy, and silently accepted.
+        ("graded=False", "graded must be true or false, got 'False'"),
+        ('in_batch_negatives="no"', "in_batch_negatives must be true or false"),
+        # These raised AttributeError / bare TypeErrors that named no field.
+        ("loss=1", "loss must be a string, got 1"),
+        ("freeze=1", "freeze must be a string"),
+        ("temperature=abc", "temperature must be a finite number, got 'abc'"),
+        ("cited_negatives=abc", "cited_negatives must be a non-negative int"),
+        # Accepted before: an infinite lr or margin trains to NaN.
+        ("lr=Infinity", "lr must be a finite number"),
+        ("margin=1e400", "margin must be a finite number"),
+        ("anchor_weight=abc", "anchor_weight must be a finite number"),
+        ("anchor_weight=-1", "anchor_weight must be >= 0"),
+    ],
+)
+def test_set_overrides_of_the_wrong_type_are_refused(item: str, match: str) -> None:
+    overrides = parse_overrides([item])
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(TrainConfig(), **overrides)
 
 
 def test_config_round_trips_through_dict() -> None:
