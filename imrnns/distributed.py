@@ -492,7 +492,9 @@ class DistributedIMRNNIndex:
             raise ValueError("embeddings is empty: nothing to add")
         V.check_finite("embeddings", x)
         if doc_ids is not None and (
-            len(doc_ids) != x.shape[0] or not all(isinstance(d, str) for d in doc_ids)
+            isinstance(doc_ids, str)  # a str would be one name per character
+            or len(doc_ids) != x.shape[0]
+            or not all(isinstance(d, str) for d in doc_ids)
         ):
             raise ValueError(f"doc_ids must be {x.shape[0]} strings, one per embedding row")
         if self._named is not None and self._named != (doc_ids is not None):

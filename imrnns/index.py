@@ -308,7 +308,11 @@ class IMRNNIndex:
         x, was_numpy = _as_tensor(embeddings, "embeddings")
         cfg = self.model.config
         if doc_ids is not None:
-            if len(doc_ids) != x.shape[0] or not all(isinstance(d, str) for d in doc_ids):
+            if (
+                isinstance(doc_ids, str)
+                or len(doc_ids) != x.shape[0]
+                or not all(isinstance(d, str) for d in doc_ids)
+            ):
                 raise ValueError(f"doc_ids must be {x.shape[0]} strings, one per embedding row")
         if (doc_ids is None) != (self.doc_ids is None) and self.ntotal > 0:
             raise ValueError("doc_ids must be given on every add() or on none")

@@ -1531,3 +1531,5 @@ def test_case_count() -> None:
         "encoder",
     }
     assert NUM_CASES == len(set(ERROR_CASES) | set(DEFINED_CASES)) >= 100
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"{NUM_CASES} bad-input" in " ".join(readme.split()), "README quotes another count"

@@ -359,3 +359,13 @@ def test_query_state_of_no_queries(corpus):
     index.add(corpus[:20])
     state = index.query_state(np.zeros((0, DIM), np.float32))
     assert state.feedback_ids.shape == (0, 5) and state.modulated_queries.shape == (0, DIM)
+
+
+def test_doc_ids_as_one_string_is_refused(corpus):
+    # Regression: a str is a sequence, so "abc" named three documents "a", "b", "c".
+    index = IMRNNIndex(model_for(), feedback_k=2)
+    with pytest.raises(ValueError, match="doc_ids must be 3 strings"):
+        index.add(corpus[:3], doc_ids="abc")
+    assert index.ntotal == 0
+    index.add(corpus[:3], doc_ids=["a", "b", "c"])
+    assert index.doc_ids == ["a", "b", "c"]
