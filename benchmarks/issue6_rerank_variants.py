@@ -33,8 +33,6 @@ import random
 import sys
 from pathlib import Path
 
-os.environ.setdefault("IMRNNS_BACKEND", "reference")  # before the library picks a backend
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -187,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in (cv, te):
         s.add_argument("--out", type=Path, help="write the numbers as JSON here")
     args = p.parse_args(argv)
+    # The reference backend: training on it is deterministic (read at each call, not import).
+    os.environ.setdefault("IMRNNS_BACKEND", "reference")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.cmd == "cv":
         result = cross_validate(args.variant, args.folds_dir)
