@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -155,6 +156,32 @@ def check_replaceable(path: str | Path, marker: str) -> None:
             f"{path} is a non-empty directory without {marker}: saving would replace it and "
             "delete its files; choose a new or empty directory"
         )
+
+
+def read_format_json(
+    path: Path, fmt: str, max_version: int, error: type[ValueError], kind: str
+) -> dict[str, Any]:
+    """The JSON object in ``path`` (an index manifest, a checkpoint config), its header checked.
+
+    Raises ``error`` naming ``path`` unless it is valid JSON, an object whose ``format`` is
+    ``fmt``, and whose ``format_version`` (default 0) is an int <= ``max_version``; ``kind``
+    names the file in the messages ("manifest", "config").
+    """
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise error(f"{path}: not an {fmt} {kind} (format key missing or different)")
+    version = payload.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise error(f"{path}: format_version must be an int, got {version!r}")
+    if version > max_version:
+        raise error(
+            f"{path}: format_version {version} is newer than this library reads "
+            f"({max_version}); upgrade imrnns-kernels"
+        )
+    return payload
 
 
 def new_temp_directory(path: str | Path) -> tuple[Path, int]:

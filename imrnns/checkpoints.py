@@ -24,7 +24,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from imrnns._atomic import atomic_directory, check_replaceable, resolve_directory
+from imrnns._atomic import (
+    atomic_directory,
+    check_replaceable,
+    read_format_json,
+    resolve_directory,
+)
 from imrnns.model import IMRNN, IMRNNConfig
 
 FORMAT = "imrnns-kernels-adapter"
@@ -130,20 +135,7 @@ def _load_directory(directory: Path) -> IMRNN:
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint directory {directory} has no {p.name}")
-    try:
-        payload = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{config_path}: not an {FORMAT} config (format key missing)")
-    version = payload.get("format_version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise CheckpointError(f"{config_path}: format_version must be an int, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{config_path}: format_version {payload.get('format_version')} is newer than "
-            f"this library reads ({FORMAT_VERSION}); upgrade imrnns-kernels"
-        )
+    payload = read_format_json(config_path, FORMAT, FORMAT_VERSION, CheckpointError, "config")
     try:
         config = IMRNNConfig.from_dict(payload["config"])
     except (KeyError, TypeError, ValueError) as exc:

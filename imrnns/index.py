@@ -33,7 +33,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import imrnns_kernels as K
-from imrnns._atomic import atomic_directory, check_replaceable, resolve_directory
+from imrnns._atomic import (
+    atomic_directory,
+    check_replaceable,
+    read_format_json,
+    resolve_directory,
+)
 from imrnns.checkpoints import load_pretrained, save_pretrained
 from imrnns.model import IMRNN
 from imrnns_kernels import _validation as V
@@ -789,17 +794,7 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{directory} is not an IMRNN index: no manifest.json")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexError_(f"{manifest_path}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexError_(f"{manifest_path}: not an {FORMAT} manifest")
-    version = manifest.get("format_version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise IndexError_(f"{manifest_path}: format_version must be an int, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise IndexError_(f"{manifest_path}: format_version is newer than this library reads")
+    manifest = read_format_json(manifest_path, FORMAT, FORMAT_VERSION, IndexError_, "manifest")
     n, cfg, files = manifest.get("ntotal"), manifest.get("index"), manifest.get("files")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise IndexError_(f"{manifest_path}: 'ntotal' must be an int >= 0, got {n!r}")

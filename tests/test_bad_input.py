@@ -819,7 +819,7 @@ _load_case(
 _load_case(
     "manifest_newer_version",
     IndexError_,
-    r"format_version is newer than this library reads",
+    r"format_version 99 is newer than this library reads \(\d+\); upgrade",
     _edit_manifest(lambda m: m.update(format_version=99)),
 )
 _load_case(
