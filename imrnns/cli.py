@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -458,11 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return guarded(lambda: args.func(args), f"imrnns {args.command}")
+
+
+def guarded(run: Callable[[], int], prog: str) -> int:
+    """Run a command; bad input (ValueError, TypeError, OSError: a missing file, an output
+    path that is a directory or not writable) is one error line and exit status 2, not a
+    traceback. Also the entry of ``python -m imrnns.train`` / ``imrnns.evaluate``."""
     try:
-        return int(args.func(args))
-    # OSError: FileNotFoundError, and an output path that is a directory or not writable.
+        return int(run())
     except (ValueError, TypeError, OSError) as exc:
-        _log(f"imrnns {args.command}: error: {exc}")
+        _log(f"{prog}: error: {exc}")
         return 2
 
 

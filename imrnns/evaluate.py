@@ -486,4 +486,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from imrnns.cli import guarded
+
+    raise SystemExit(guarded(main, "python -m imrnns.evaluate"))

@@ -163,3 +163,24 @@ def test_train_bad_set_values_exit_2(capsys):
         assert main(["train", "--out", "unused", "--set", item, "--json"]) == 2
         key = item.split("=")[0]
         assert f"imrnns train: error: {key} must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["imrnns.train", "imrnns.evaluate"])
+def test_module_entry_points_exit_2_on_bad_input(module, monkeypatch, capsys, tmp_path) -> None:
+    # Regression: `python -m imrnns.train/evaluate` ended bad input in a traceback.
+    import runpy
+    import warnings
+
+    missing = tmp_path / "no-such-beir-folder"
+    argv = [module, "--data", str(missing)] + (
+        ["--out", str(tmp_path / "o")] * (module == "imrnns.train")
+    )
+    monkeypatch.setattr(sys, "argv", argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules" of runpy
+        with pytest.raises(SystemExit) as exc:
+            runpy.run_module(module, run_name="__main__")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"python -m {module}: error:" in err and str(missing) in err
+    assert not (tmp_path / "o").exists()
