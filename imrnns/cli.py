@@ -392,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("evaluate", help="nDCG@10 / Recall@100 / MRR@10, base vs IMRNN")
     common(sp)
     index_opts(sp)
-    sp.add_argument("--per-query", default=None, help="write per-query metrics to this JSON file")
+    sp.add_argument(
+        "--per-query",
+        default=None,
+        help="write per-query metrics here (JSON if it ends in .json, else TSV)",
+    )
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("train", help="train an adapter on a BEIR folder")
