@@ -524,7 +524,7 @@ class Encoder:
         bar = tqdm(
             starts,
             total=len(starts),
-            desc=f"Encoding {role}s ({self.name})",
+            desc=f"Encoding {'queries' if role == 'query' else role + 's'} ({self.name})",
             unit="batch",
             # One batch (an interactive query, say) finishes before a bar says anything.
             disable=not progress or len(starts) <= 1,
