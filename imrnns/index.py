@@ -612,12 +612,7 @@ class IMRNNIndex:
         n = manifest["ntotal"]
         if rows is not None:
             return cls._load_rows(directory, manifest, model, rows, device)
-        try:
-            index = cls(model, device=device or "cpu", **cfg)
-        except (TypeError, ValueError) as exc:
-            raise IndexError_(
-                f"{directory / 'manifest.json'}: invalid index settings ({exc})"
-            ) from exc
+        index = cls._with_saved_settings(directory, model, cfg, device or "cpu")
         try:
             tensors = load_file(str(directory / "corpus.safetensors"))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -646,6 +641,18 @@ class IMRNNIndex:
         return index
 
     @classmethod
+    def _with_saved_settings(
+        cls, directory: Path, model: IMRNN, cfg: dict[str, Any], device: str | torch.device
+    ) -> IMRNNIndex:
+        """An empty index with a manifest's settings, or IndexError_ naming the manifest."""
+        try:
+            return cls(model, device=device, **cfg)
+        except (TypeError, ValueError) as exc:
+            raise IndexError_(
+                f"{directory / 'manifest.json'}: invalid index settings ({exc})"
+            ) from exc
+
+    @classmethod
     def _load_rows(
         cls,
         directory: Path,
@@ -664,6 +671,10 @@ class IMRNNIndex:
         ):
             raise ValueError(f"rows must be (lo, hi) with 0 <= lo <= hi <= {n}, got {rows!r}")
         lo, hi = int(rows[0]), int(rows[1])
+        cfg = dict(manifest["index"])
+        if cfg.get("first_stage") == "ivf" and (cfg.get("nlist") or 0) > hi - lo:
+            cfg["nlist"] = None  # the saved nlist was sized for the whole corpus
+        cls._with_saved_settings(directory, model, cfg, "cpu")  # checked before any work
         path = directory / "corpus.safetensors"
         try:
             with safe_open(str(path), framework="pt") as fh:
@@ -677,7 +688,6 @@ class IMRNNIndex:
                 f"{path}: projected slice {tuple(corpus.shape)}, expected "
                 f"({hi - lo}, {model.config.working_dim})"
             )
-        cfg = dict(manifest["index"])
         flag = faiss.IO_FLAG_MMAP if cfg.get("first_stage") == "flat" else 0
         saved = faiss.read_index(str(directory / "first_stage.faiss"), flag)
         if saved.ntotal != n:
@@ -687,14 +697,6 @@ class IMRNNIndex:
         names = None
         if "doc_ids.json" in manifest["files"]:
             names = _read_doc_ids(directory / "doc_ids.json", n)[lo:hi]
-        if cfg.get("first_stage") == "ivf" and (cfg.get("nlist") or 0) > hi - lo:
-            cfg["nlist"] = None  # the saved nlist was sized for the whole corpus
-        try:
-            cls(model, device="cpu", **cfg)  # the saved settings, checked before any work
-        except (TypeError, ValueError) as exc:
-            raise IndexError_(
-                f"{directory / 'manifest.json'}: invalid index settings ({exc})"
-            ) from exc
         return cls.from_parts(
             model,
             corpus,
