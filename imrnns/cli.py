@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from imrnns._json import finite
+
 DEFAULT_ENCODER = "minilm"
 
 
@@ -31,22 +33,10 @@ def _encoder(name: str, cache: str | None, quiet: bool = False) -> Any:
 
 def _emit(payload: dict[str, Any], as_json: bool, text: str) -> None:
     if as_json:
-        print(json.dumps(_finite(payload), indent=2, sort_keys=False, default=_jsonable,
+        print(json.dumps(finite(payload), indent=2, sort_keys=False, default=_jsonable,
                          allow_nan=False))  # fmt: skip
     else:
         print(text)
-
-
-def _finite(x: Any) -> Any:
-    """Strict-JSON copy: NaN/inf (an empty subset's mean, t of a constant shift) -> None.
-    ``json.dumps`` would write the bare tokens ``NaN``/``Infinity``, which are not JSON."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, (float, np.floating)) and not np.isfinite(x):
-        return None
-    return x
 
 
 def _jsonable(x: Any) -> Any:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from imrnns._atomic import atomic_file
+from imrnns._json import finite
 from imrnns.data import BeirDataset, load_beir, seen_doc_split
 from imrnns.metrics import METRICS, evaluate_run, mean_metrics, paired_tests, run_from_results
 from imrnns.model import IMRNN
@@ -477,9 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         permutations=args.permutations, show_progress=not args.json,
     )  # fmt: skip
     if args.json:
-        from imrnns.cli import _finite  # NaN/inf -> null: bare NaN is not JSON
-
-        print(json.dumps(_finite(result), indent=2, sort_keys=True, allow_nan=False))
+        print(json.dumps(finite(result), indent=2, sort_keys=True, allow_nan=False))
     else:
         print(format_table(result))
     return 0

@@ -72,6 +72,7 @@ import torch
 from tqdm.auto import tqdm
 
 from imrnns._atomic import atomic_directory, atomic_file, resolve_directory
+from imrnns._json import finite
 from imrnns.checkpoints import load_pretrained, save_pretrained
 from imrnns.data import load_corpus_fields, seen_doc_split
 from imrnns.evaluate import EmbeddedSplit, base_search, embed_beir, imrnn_search
@@ -1070,20 +1071,9 @@ def _save_last(out: Path, model: IMRNN, state: dict[str, Any]) -> None:
         torch.save(state, tmp / STATE_NAME)
 
 
-def _jsonable(x: Any) -> Any:
-    """Strict-JSON copy: NaN/inf (a diverged loss) become None."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def _write_summary(out: Path, summary: Mapping[str, Any]) -> None:
     with atomic_file(out / SUMMARY_NAME, "w") as fh:
-        json.dump(_jsonable(summary), fh, indent=2, sort_keys=True, allow_nan=False)
+        json.dump(finite(summary), fh, indent=2, sort_keys=True, allow_nan=False)
         fh.write("\n")
 
 
@@ -1457,7 +1447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         refit_epochs=args.refit_epochs,
         **overrides,
     )  # fmt: skip
-    print(json.dumps(_jsonable(result), indent=2, sort_keys=True))
+    print(json.dumps(finite(result), indent=2, sort_keys=True))
     return 0
 
 
