@@ -295,13 +295,12 @@ def _check_scoring(
         )
     V.check_transform("transform", transform, queries.shape[0], m, modulation)
     _check_ln(ln_weight, ln_bias, m)
-    V.check_same_device(corpus=corpus, transform=transform, queries=queries, ln_weight=ln_weight)
+    V.check_same_device(
+        corpus=corpus, transform=transform, queries=queries, ln_weight=ln_weight, ln_bias=ln_bias
+    )
     # The corpus is checked for NaN/Inf once when it enters an index, not on every search:
     # a scan of a multi-GB corpus per query would cost as much as the search itself.
-    V.check_finite("queries", queries)
-    V.check_finite("transform", transform)
-    V.check_finite("ln_weight", ln_weight)
-    V.check_finite("ln_bias", ln_bias)
+    V.check_all_finite(queries=queries, transform=transform, ln_weight=ln_weight, ln_bias=ln_bias)
 
 
 def modulated_score(
