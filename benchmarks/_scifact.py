@@ -31,7 +31,7 @@ def scifact_minilm(split: str = "test") -> SciFactEmbeddings:
 
 def shipped_adapter() -> Path | None:
     """The shipped SciFact adapter directory, if the package has one."""
-    from imrnns.cli import default_adapter
+    from imrnns.pretrained import default_adapter
 
     try:
         return default_adapter()

@@ -83,7 +83,7 @@ def grounded_share(explanations: list[Any]) -> dict[str, float]:
 def resolve_adapter(checkpoint: str | None) -> tuple[Path, str]:
     if checkpoint:
         return Path(checkpoint), "given"
-    from imrnns.cli import default_adapter
+    from imrnns.pretrained import default_adapter
 
     try:
         return default_adapter(), "shipped"

@@ -36,8 +36,8 @@ def run_demo(
 ) -> tuple[dict[str, Any], str]:
     """Run the demo; return (JSON-ready payload, human-readable report)."""
     from imrnns import IMRNN, IMRNNIndex
-    from imrnns.cli import default_adapter
     from imrnns.encoders import resolve_encoder
+    from imrnns.pretrained import default_adapter
 
     test = load_beir(scifact_path(), "test")
     train = load_beir(scifact_path(), "train")

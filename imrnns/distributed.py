@@ -1061,7 +1061,8 @@ def run_distributed_search(args: Any) -> int:
     With ``--index`` each rank loads its block of a saved index; otherwise each rank encodes
     its block of the corpus (``--data``) and the shards are added in rank order.
     """
-    from imrnns.cli import _emit, _encoder, default_adapter
+    from imrnns.cli import _emit, _encoder
+    from imrnns.pretrained import default_adapter
 
     if getattr(args, "save_index", None):
         raise ValueError(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from imrnns._json import finite
+from imrnns.pretrained import default_adapter
 
 DEFAULT_ENCODER = "minilm"
 
@@ -47,22 +48,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def pretrained_dir() -> Path:
-    """Folder of the adapters shipped with the package."""
-    return Path(__file__).resolve().parent / "pretrained"
-
-
-def default_adapter() -> Path:
-    """The shipped SciFact MiniLM adapter (trained on SciFact train; see its README)."""
-    root = pretrained_dir()
-    found = sorted(p for p in root.glob("scifact-minilm-*") if (p / "config.json").is_file())
-    if not found:
-        raise FileNotFoundError(
-            f"no shipped adapter under {root}; pass --checkpoint or run `imrnns train` first"
-        )
-    return found[0]
 
 
 # --------------------------------------------------------------------------- encode
