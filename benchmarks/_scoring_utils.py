@@ -1,8 +1,9 @@
-"""Shared bits of the scoring benchmarks: inputs, the naive baseline, timers, peak memory."""
+"""Shared bits of the scoring benchmarks: inputs, the naive baseline, interleaved timers.
+
+Peak memory: :func:`benchmarks._common.peak_extra_memory`."""
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from imrnns.bench import naive_exhaustive
+from benchmarks.scaling.providers import naive_exhaustive
 
 
 def unit_corpus(n: int, m: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -52,31 +53,10 @@ def naive_topk(
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The naive PyTorch baseline: per query, materialise T(D), LayerNorm, normalise, matmul,
-    topk (:func:`imrnns.bench.naive_exhaustive`, the scaling sweep's ``naive`` provider). The
+    topk (:func:`benchmarks.scaling.providers.naive_exhaustive`, the scaling sweep's ``naive`` provider). The
     reference op does all queries at once; at N=1e6, B=16 its (B, N, m) fp32 intermediates
     would need 16 GB each, so the baseline loops over queries."""
     return naive_exhaustive(corpus, transform, ln_weight, ln_bias, queries, k, modulation, eps)
-
-
-def _proc_status() -> dict[str, int]:
-    text = open("/proc/self/status").read()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
-
-
-def peak_extra_memory(fn: Callable[[], Any]) -> tuple[Any, int | None]:
-    """(fn(), bytes of resident memory at its peak above the resident size before the call).
-
-    Resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5, Linux) first; returns
-    None for the bytes where that is not available.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _proc_status()["VmRSS"]
-    except OSError:
-        return fn(), None
-    out = fn()
-    return out, _proc_status()["VmHWM"] - before
 
 
 def interleaved_times(

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from imrnns.bench import cpu_model
+from benchmarks._common import cpu_device_name
 
 
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{cpu_model()} ({os.cpu_count()} cores, CPU)"
+    return cpu_device_name()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

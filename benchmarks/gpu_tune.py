@@ -4,13 +4,14 @@ Run by ``benchmarks/gpu_run.sh`` after the correctness check (``benchmarks/gpu_c
 and before the sweep; it prints, it changes nothing. At N = 10^7, m = 256, bf16 storage, k =
 100 (the issue's GPU target shape) it times, with ``triton.testing.do_bench`` (median):
 
-1. the floors: the sweep's bandwidth measurement (:func:`imrnns.bench.measure_copy_gbps`,
-   read + write counted) over the corpus's bytes, and a plain read (``corpus.sum``);
+1. the floors: the sweep's bandwidth measurement
+   (:func:`benchmarks.scaling.machine.measure_copy_gbps`, read + write counted) over the
+   corpus's bytes, and a plain read (``corpus.sum``);
 2. the scoring kernels alone (no top-k) for B = 1 (row kernel) and B = 32 (dot kernel)
    under a few block shapes, the shipped one first, each checked against the shipped one's
    scores;
 3. the whole ``modulated_topk`` call for B = 1 .. 256, and with the row/dot switch
-   (:data:`imrnns_kernels.ops.modulated_topk.SMALL_BATCH`) forced either way, so the
+   (:data:`imrnns_kernels.scoring.triton.SMALL_BATCH`) forced either way, so the
    top-k's share and the switch point are visible;
 4. the whole call for B = 32 and 256 with 1x, 4x and 16x the default chunk (fewer merges of
    the streaming top-k, each with its host syncs, against a larger score buffer).
@@ -48,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_tune: no CUDA GPU")
         return 2
     import imrnns_kernels as K
-    from imrnns.bench import make_model, measure_copy_gbps, unit_rows
-    from imrnns_kernels.ops import _scoring_common as C
-    from imrnns_kernels.ops import modulated_topk as T
+    from benchmarks.scaling.inputs import make_model
+    from benchmarks.scaling.machine import measure_copy_gbps
+    from imrnns_kernels import topk
+    from imrnns_kernels.scoring import moments
+    from imrnns_kernels.scoring import triton as scoring_triton
+    from imrnns_kernels.testing import unit_rows
 
     n, m, k = (500 if smoke else 10_000_000), 256, 100
     dev = torch.device("cpu" if smoke else "cuda")
@@ -104,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     out = torch.empty(1, n, dtype=torch.float32, device=dev)
     lw, lb = ln_w.float().contiguous(), ln_b.float().contiguous()
 
-    shipped = T._rows_blocks(m, compiled=True)
+    shipped = scoring_triton._rows_blocks(m, compiled=True)
 
     def rows_launch(block_n: int, warps: int, dst: torch.Tensor) -> None:
-        T._diag_rows_chunk(corpus, tq, lw, lb, q, dst, 0, n, 1e-5, (block_n, shipped[1], warps))
+        scoring_triton._diag_rows_chunk(
+            corpus, tq, lw, lb, q, dst, 0, n, 1e-5, (block_n, shipped[1], warps)
+        )
 
     rows_launch(shipped[0], shipped[2], out)
     want = out.clone()
@@ -126,26 +132,27 @@ def main(argv: list[str] | None = None) -> int:
         report(f"BLOCK_N={block_n:3d} warps={warps}{tag}{'' if ok else ' MISMATCH'}",
                lambda bn=block_n, w=warps: rows_launch(bn, w, out), floor)  # fmt: skip
     report("torch.topk(k=100) of the (1, N) scores", lambda: torch.topk(want, k, dim=1), floor)
-    report("chunk_topk (topk + tie check) of them", lambda: C.chunk_topk(want, k), floor)
+    report("chunk_topk (topk + tie check) of them", lambda: topk.chunk_topk(want, k), floor)
 
     # 2b. the dot kernel, B = 32
     print("dot kernel (B=32), scores only, whole corpus in chunks of the shipped size:",
           flush=True)  # fmt: skip
     b = 32
     tq, q = queries(b)
-    atoms = C.diagonal_atoms(tq, ln_w, ln_b, q, torch.float32)
+    atoms = moments.diagonal_atoms(tq, ln_w, ln_b, q, torch.float32)
     consts = atoms.consts.contiguous()
-    lin, quad = T.dot_operands(atoms)
-    chunk = min(n, max(1024, T.SCORE_BUFFER_BYTES // (4 * b)))
+    lin, quad = scoring_triton.dot_operands(atoms)
+    chunk = min(n, max(1024, scoring_triton.SCORE_BUFFER_BYTES // (4 * b)))
     out = torch.empty(b, chunk, dtype=torch.float32, device=dev)
     ill = torch.zeros(1, dtype=torch.int32, device=dev)
 
     def dot_all(cfg: tuple[int, int, int, int, int] | None, rows: int = n) -> None:
         for start in range(0, rows, chunk):
-            T._diag_chunk(corpus, lin, quad, consts, out, ill, start, min(chunk, rows - start),
-                          1e-5, cfg)  # fmt: skip
+            scoring_triton._diag_chunk(
+                corpus, lin, quad, consts, out, ill, start, min(chunk, rows - start), 1e-5, cfg
+            )
 
-    shipped_dot = T._diag_blocks(m, b, compiled=True)
+    shipped_dot = scoring_triton._diag_blocks(m, b, compiled=True)
     dot_all(shipped_dot, chunk)
     want = out.clone()
     alternatives = [(64, 32, 16, 8, 3), (64, 32, 16, 4, 3), (128, 32, 16, 8, 3),
@@ -163,29 +170,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ill-conditioned pairs flagged: {int(ill.item())}", flush=True)
 
     # 3. whole calls
-    shipped_small = T.SMALL_BATCH
+    shipped_small = scoring_triton.SMALL_BATCH
     print(f"modulated_topk end to end (fused backend, SMALL_BATCH={shipped_small}):", flush=True)
     cases = [(b, "", shipped_small) for b in (1, 2, 4, 8, 16, 32, 64, 256)]
     cases += [(4, " dot kernel", 1), (8, " dot kernel", 1), (16, " row kernel", 16)]
     for b, label, small in cases:
         tq, q = queries(b)
-        T.SMALL_BATCH = small
+        scoring_triton.SMALL_BATCH = small
         try:
             with K.use_backend("triton"):
                 report(f"B={b:3d}{label}",
                        lambda t=tq, qq=q: K.modulated_topk(corpus, t, ln_w, ln_b, qq, k),
                        floor)  # fmt: skip
         finally:
-            T.SMALL_BATCH = shipped_small
+            scoring_triton.SMALL_BATCH = shipped_small
 
     # 4. the streaming top-k's share: fewer, larger chunks (the op's chunk_rows argument)
     print("modulated_topk, chunk size (rows per score buffer):", flush=True)
     for b in (32, 256):
         tq, q = queries(b)
-        default = max(1024, T.SCORE_BUFFER_BYTES // (4 * b))
+        default = max(1024, scoring_triton.SCORE_BUFFER_BYTES // (4 * b))
         for rows in sorted({min(n, default), min(n, 4 * default), min(n, 16 * default)}):
             report(f"B={b:3d} chunk_rows={rows}{' (default)' if rows == min(n, default) else ''}",
-                   lambda t=tq, qq=q, r=rows: T.modulated_topk(
+                   lambda t=tq, qq=q, r=rows: scoring_triton.modulated_topk(
                        corpus, t, ln_w, ln_b, qq, k, chunk_rows=r), floor)  # fmt: skip
     return 0
 

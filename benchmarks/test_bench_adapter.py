@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.conftest import cpu_model, requires_cuda  # noqa: E402
+from benchmarks._common import cpu_model, proc_memory, reset_peak_rss  # noqa: E402
+from benchmarks._kernel_internals import adapter_impl  # noqa: E402
+from benchmarks.conftest import requires_cuda  # noqa: E402
 from imrnns_kernels import reference  # noqa: E402
 from imrnns_kernels.types import HyperNetWeights  # noqa: E402
 
@@ -100,14 +102,9 @@ def flops(modulation: str, m: int, b: int, k: int, cached: bool = False) -> floa
 
 def providers(name: str, device: str = "cpu") -> dict[str, Callable[[], torch.Tensor]]:
     """naive / fused / cached callables for one case (inputs built once)."""
-    from imrnns_kernels.cpu import adapter_reduce as cpu_impl
-
     modulation, m, b, k = (GPU_CASES if device == "cuda" else CPU_CASES)[name]
     corpus, ids, w, fw = make_inputs(modulation, m, b, k, device)
-    if device == "cuda":
-        from imrnns_kernels.ops import adapter_reduce as fused_impl
-    else:
-        fused_impl = cpu_impl
+    fused_impl = adapter_impl(device)
     result = {
         "naive": lambda: reference.adapter_reduce(corpus, ids, w, fw, modulation),
         "fused": lambda: fused_impl.adapter_reduce(corpus, ids, w, fw, modulation),
@@ -122,16 +119,6 @@ def providers(name: str, device: str = "cpu") -> dict[str, Callable[[], torch.Te
 
 
 # ----------------------------------------------------------------------------- measurement
-def _status_kb() -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                key, value = line.split(":")
-                values[key] = int(value.split()[0])
-    return values
-
-
 def _peak_child(name: str, provider: str) -> None:
     """Subprocess body: print the peak extra resident MiB of one call as JSON."""
     fns = providers(name)
@@ -139,13 +126,13 @@ def _peak_child(name: str, provider: str) -> None:
     # Warm BLAS/OpenMP thread pools and lazy inits on a tiny problem first.
     reference.adapter_reduce(*_tiny())
     with torch.no_grad():
-        before = _status_kb()["VmRSS"]
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
+        before = proc_memory()["VmRSS"]
+        if not reset_peak_rss():  # VmHWM := the current RSS
+            raise OSError("cannot reset VmHWM (/proc/self/clear_refs): Linux only")
         out = fn()
-        peak = _status_kb()["VmHWM"]
+        peak = proc_memory()["VmHWM"]
     del out
-    print(json.dumps({"peak_extra_mib": (peak - before) / 1024}))
+    print(json.dumps({"peak_extra_mib": (peak - before) / 2**20}))
 
 
 def _tiny():

@@ -50,6 +50,12 @@ def _official_search(official, docs: torch.Tensor, fs_index, queries: torch.Tens
     return out
 
 
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 @pytest.mark.benchmark(group="index-search-scifact")
 def test_search_vs_official(benchmark):
     emb = scifact_minilm()
@@ -75,15 +81,21 @@ def test_search_vs_official(benchmark):
     index.add(emb.corpus)
     _, ids = benchmark.pedantic(index.search, args=(emb.queries, K), rounds=20, warmup_rounds=2)
     same = float((ids == official_ids).all(axis=1).mean())
-    ratio = min(official_times) / benchmark.stats.stats.min
+    if benchmark.stats is not None:
+        ours_min = benchmark.stats.stats.min
+    else:  # --benchmark-disable: one untimed call, no stats; time as pedantic would have
+        for _ in range(2):
+            index.search(emb.queries, K)
+        ours_min = min(_seconds(lambda: index.search(emb.queries, K)) for _ in range(20))
+    ratio = min(official_times) / ours_min
     benchmark.extra_info.update(
         {
             "queries": int(queries.shape[0]),
             "official_seconds_min": min(official_times),
-            "ours_seconds_min": benchmark.stats.stats.min,
+            "ours_seconds_min": ours_min,
             "speedup_vs_official": ratio,
             "identical_rankings_share": same,
-            "ours_queries_per_second": queries.shape[0] / benchmark.stats.stats.min,
+            "ours_queries_per_second": queries.shape[0] / ours_min,
         }
     )
     print(f"\nSciFact search: {ratio:.1f}x the official loop, identical rankings {same:.3f}")

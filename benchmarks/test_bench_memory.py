@@ -41,6 +41,8 @@ import pytest
 import torch
 
 import imrnns_kernels as K
+from benchmarks._common import proc_memory, reset_peak_rss
+from benchmarks._kernel_internals import has_backend, plan_workspace
 from benchmarks.conftest import requires_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +57,6 @@ AFFINE_DIM = 64
 
 def mib(budget_mb: float) -> int:
     return int(budget_mb * (1 << 20))
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _release_free_memory() -> None:
@@ -80,13 +74,13 @@ def _release_free_memory() -> None:
 def _peak_of(fn: Callable[[], Any]) -> tuple[int, float, Any]:
     """(peak RSS above the current RSS while ``fn`` runs, seconds, its result)."""
     _release_free_memory()
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # VmHWM := current RSS
-    base = _rss("VmRSS")
+    if not reset_peak_rss():  # VmHWM := current RSS
+        raise OSError("cannot reset VmHWM (/proc/self/clear_refs): Linux only")
+    base = proc_memory()["VmRSS"]
     t0 = time.perf_counter()
     out = fn()
     secs = time.perf_counter() - t0
-    return _rss("VmHWM") - base, secs, out
+    return proc_memory()["VmHWM"] - base, secs, out
 
 
 def build(
@@ -130,8 +124,6 @@ def build(
 
 def child_main(what: str, modulation: str, rows: int, dim: int, budget: int) -> None:
     """In a fresh process: peak memory of one search above the resident inputs (JSON out)."""
-    from imrnns_kernels.cpu.modulated_topk import plan_workspace
-
     with K.use_backend("cpu"), torch.no_grad():
         run, state, corpus_bytes = build(what, modulation, rows, dim, budget)
         state_extra = _peak_of(state)[0] if state is not None else 0
@@ -159,24 +151,13 @@ def measure(what: str, modulation: str, budget: int, dim: int, rows: int = ROWS)
     return out
 
 
-def _linux_peak_supported() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
 needs_proc = pytest.mark.skipif(
-    not _linux_peak_supported(), reason="needs Linux /proc/self/clear_refs to reset VmHWM"
+    not reset_peak_rss(), reason="needs Linux /proc/self/clear_refs to reset VmHWM"
 )
 
 
 def _has_streaming_cpu_topk() -> bool:
-    from imrnns_kernels import dispatch
-
-    return "cpu" in dispatch._REGISTRY.get("modulated_topk", {})
+    return has_backend("modulated_topk", "cpu")
 
 
 @needs_proc

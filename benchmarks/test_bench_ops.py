@@ -3,10 +3,12 @@
 Run: ``pytest benchmarks/test_bench_ops.py --benchmark-only --benchmark-json ops.json``
 (``--benchmark-group-by=group`` is the default: each op/case is one comparison table).
 
-Providers (the same callables as the scaling sweep, :mod:`imrnns.bench`):
+Providers (the same callables as the scaling sweep, :mod:`benchmarks.scaling.providers`):
 
 - ``fused``: the Triton kernels on a CUDA GPU, the chunked CPU path otherwise;
 - ``reference``: :mod:`imrnns_kernels.reference` (materialises every intermediate);
+- ``compiled_reference``: ``torch.compile`` of that reference op, compiled for the case's
+  shapes before the timing (skipped, with the reason, where torch.compile cannot run);
 - ``naive``: the straightforward PyTorch a user would write;
 - ``faiss_flat`` / ``torch_ip``: the unmodulated inner-product floor (faiss ``IndexFlatIP``;
   the PyTorch equivalent on a GPU without faiss-gpu);
@@ -34,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 import imrnns_kernels as K
-from imrnns import bench as B
-from imrnns_kernels import dispatch
+from benchmarks import scaling
+from benchmarks.scaling.providers import COMPILED_SCORE
 from imrnns_kernels import reference as R
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,40 +70,58 @@ def _run(benchmark: Any, fn: Callable[[], Any], rounds: int = 5) -> None:
 
 
 def _fits(provider: str, mode: str, modulation: str, n: int, b: int, item: int = 4) -> None:
-    need = B.estimate_bytes(provider, mode, modulation, n, b, M, FEEDBACK_K, item, DEVICE)
-    have = B.available_bytes(DEVICE)
-    if need > B.MEMORY_HEADROOM * have:
+    need = scaling.estimate_bytes(provider, mode, modulation, n, b, M, FEEDBACK_K, item, DEVICE)
+    have = scaling.available_bytes(DEVICE)
+    if need > scaling.MEMORY_HEADROOM * have:
         pytest.skip(f"{provider} needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available")
 
 
+def _warmed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Run a provider's untimed warm-up (the compilation of ``compiled_reference``) now, so
+    no timed round pays for it; skip when it finds the provider cannot run here."""
+    warmup = getattr(fn, "warmup", None)
+    if warmup is not None:
+        try:
+            with torch.no_grad():
+                warmup()
+        except scaling.ProviderUnavailable as exc:
+            pytest.skip(str(exc))
+    return fn
+
+
 @functools.lru_cache(maxsize=2)
-def _corpus(n: int) -> B.Corpus:
-    return B.build_corpus(n, M, torch.float32, DEVICE, 0, True, B.available_bytes(DEVICE))
+def _corpus(n: int) -> scaling.Corpus:
+    return scaling.build_corpus(
+        n, M, torch.float32, DEVICE, 0, True, scaling.available_bytes(DEVICE)
+    )
 
 
 @functools.lru_cache(maxsize=2)
 def _model(modulation: str) -> Any:
-    return B.make_model(M, modulation, 0, DEVICE)
+    return scaling.make_model(M, modulation, 0, DEVICE)
 
 
 @functools.lru_cache(maxsize=4)
-def _problem(modulation: str, n: int, b: int) -> B.Problem:
+def _problem(modulation: str, n: int, b: int) -> scaling.Problem:
     corpus, model = _corpus(n), _model(modulation)
-    q = B.unit_rows(b, M, torch.float32, DEVICE, 1)
-    tq, qt = B.query_state(model, corpus.data, q, FEEDBACK_K, 0, DEVICE)
-    return B.Problem(corpus, model, None, None, q, tq, qt)
+    q = scaling.unit_rows(b, M, torch.float32, DEVICE, 1)
+    tq, qt = scaling.query_state(model, corpus.data, q, FEEDBACK_K, 0, DEVICE)
+    return scaling.Problem(corpus, model, None, None, q, tq, qt)
 
 
 # ----------------------------------------------------------------------------- modulated_topk
-@pytest.mark.parametrize("provider", ["fused", "reference", "naive", "faiss_flat", "torch_ip"])
+@pytest.mark.parametrize(
+    "provider", ["fused", "reference", "compiled_reference", "naive", "faiss_flat", "torch_ip"]
+)
 @pytest.mark.parametrize("case", list(TOPK_CASES))
 def test_modulated_topk(benchmark, case, provider):
     modulation, n, b = TOPK_CASES[case]
     benchmark.group = f"modulated_topk {case} N={n} B={b} m={M} k={K_TOP}"
     _fits(provider, "exhaustive", modulation, n, b)
-    fn = B.exhaustive_providers(_problem(modulation, n, b), K_TOP, DEVICE)[provider]
+    fn = scaling.exhaustive_providers(_problem(modulation, n, b), K_TOP, DEVICE)[provider]
     if not callable(fn):
         pytest.skip(fn[1])
+    fn = _warmed(fn)
     benchmark.extra_info.update(provider=provider, n=n, batch=b, device=DEVICE)
     _run(benchmark, fn, rounds=3)
 
@@ -128,7 +148,7 @@ def naive_score(
     return torch.einsum("bkm,bm->bk", z, F.normalize(queries, dim=-1))
 
 
-@pytest.mark.parametrize("provider", ["fused", "reference", "naive"])
+@pytest.mark.parametrize("provider", ["fused", "reference", "compiled_reference", "naive"])
 @pytest.mark.parametrize("case", list(SCORE_CASES))
 def test_modulated_score(benchmark, case, provider):
     modulation, b = SCORE_CASES[case]
@@ -138,15 +158,16 @@ def test_modulated_score(benchmark, case, provider):
     ids = ids.to(DEVICE)
     lnw, lnb = p.model.doc_norm.weight.detach(), p.model.doc_norm.bias.detach()
     args = (p.corpus.data, ids, p.transform, lnw, lnb, p.q_tilde)
-    backend = B.fused_backend(DEVICE)
+    backend = scaling.fused_backend(DEVICE)
     fns = {
         "fused": lambda: _with(backend, K.modulated_score, *args, modulation),
         "reference": lambda: R.modulated_score(*args, modulation),
+        "compiled_reference": scaling.WarmedProvider(lambda: COMPILED_SCORE(*args, modulation)),
         "naive": lambda: naive_score(*args, modulation),
     }
     benchmark.group = f"modulated_score {case} B={b} K={FEEDBACK_K} m={M}"
     benchmark.extra_info.update(provider=provider, batch=b, device=DEVICE)
-    _run(benchmark, fns[provider], rounds=10)
+    _run(benchmark, _warmed(fns[provider]), rounds=10)
 
 
 def _with(backend: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -164,9 +185,9 @@ def test_document_transforms(benchmark, modulation, provider):
     net = (
         model.doc_hypernet.hypernet
     )  # nn.Sequential: Linear ReLU Dropout Linear ReLU Dropout Linear
-    backend = B.fused_backend(DEVICE)
+    backend = scaling.fused_backend(DEVICE)
     fns = {
-        "fused": lambda: _with(backend, dispatch.document_transforms, corpus, w, modulation),
+        "fused": lambda: _with(backend, K.document_transforms, corpus, w, modulation),
         "reference": lambda: R.document_transforms(corpus, w, modulation),
         # What a user writes: the module over every row (affine: the hidden state, whose mean
         # the output layer maps exactly).
@@ -200,8 +221,8 @@ def test_index_search(benchmark, modulation, mode, provider):
     _fits(provider, mode, modulation, INDEX_N, b)
     index = _index(modulation)
     model = index.model
-    q = B.unit_rows(b, M, torch.float32, DEVICE, 3)
-    backend = B.fused_backend(DEVICE)
+    q = scaling.unit_rows(b, M, torch.float32, DEVICE, 3)
+    backend = scaling.fused_backend(DEVICE)
 
     def ours(name: str) -> Any:
         with K.use_backend(name):
@@ -210,14 +231,16 @@ def test_index_search(benchmark, modulation, mode, provider):
     def naive() -> Any:
         _, ids = index.first_stage_search(q, FEEDBACK_K)
         if mode == "rerank":
-            return B.naive_rerank(model, q, index.projected_corpus, ids, K_TOP)
+            return scaling.naive_rerank(model, q, index.projected_corpus, ids, K_TOP)
         # The query state through the library (its cost does not grow with N); the scoring of
         # every document written plainly.
         pq = model.project(q)
         tq, _, qt = model.query_state(pq, index.projected_corpus, ids)
         lnw, lnb = model.doc_norm.weight, model.doc_norm.bias
         eps = model.config.layer_norm_eps
-        return B.naive_exhaustive(index.projected_corpus, tq, lnw, lnb, qt, K_TOP, modulation, eps)
+        return scaling.naive_exhaustive(
+            index.projected_corpus, tq, lnw, lnb, qt, K_TOP, modulation, eps
+        )
 
     fns: dict[str, Callable[[], Any]] = {
         "fused": lambda: ours(backend),
@@ -230,13 +253,13 @@ def test_index_search(benchmark, modulation, mode, provider):
             pytest.skip(
                 "the official imrnns 0.2.3 scores given candidates only (no exhaustive mode)"
             )
-        official, why = B.load_official(model, install=False)
+        official, why = scaling.load_official(model, install=False)
         if official is None:
             pytest.skip(why)
 
         def run_official() -> Any:
             _, ids = index.first_stage_search(q, FEEDBACK_K)
-            return B.official_rerank(official, q, index.projected_corpus, ids, K_TOP)
+            return scaling.official_rerank(official, q, index.projected_corpus, ids, K_TOP)
 
         fns["official"] = run_official
     benchmark.group = f"IMRNNIndex.search {mode} {modulation} N={INDEX_N} B={b} k={K_TOP}"

@@ -28,16 +28,16 @@ import pytest
 import torch
 
 import imrnns_kernels as K
+from benchmarks._common import cpu_model, peak_extra_memory
 from benchmarks._scoring_utils import (
     interleaved_times,
     naive_topk,
-    peak_extra_memory,
     scoring_params,
     summary,
     unit_corpus,
 )
-from benchmarks.conftest import cpu_model, requires_cuda
-from imrnns_kernels import dispatch
+from benchmarks.conftest import requires_cuda
+from benchmarks.scaling import CompiledReference, ProviderUnavailable
 
 STRICT = os.environ.get("IMRNNS_BENCH_STRICT", "0") == "1"
 THREADS = 2
@@ -197,7 +197,7 @@ def test_rerank_cpu_vs_official(benchmark, m):
     with torch.no_grad():
         # Index time: everything that depends only on the corpus.
         corpus = model.project(docs)
-        cache = dispatch.document_transforms(corpus, model.doc_hypernet.weights(), "diagonal")
+        cache = K.document_transforms(corpus, model.doc_hypernet.weights(), "diagonal")
 
     @torch.no_grad()
     def ours():
@@ -305,8 +305,19 @@ def test_rerank_gpu(benchmark, modulation):
     def ref():
         return R.modulated_score(corpus, ids, transform, ln_w, ln_b, queries, modulation)
 
+    compiled = CompiledReference(R.modulated_score)
+
+    def compiled_ref():
+        return compiled(corpus, ids, transform, ln_w, ln_b, queries, modulation)
+
     torch.testing.assert_close(ours(), ref(), atol=1e-5, rtol=1e-5)
     ours_t, ref_t = _cuda_time(ours), _cuda_time(ref)
+    # torch.compile of the reference (issue 18): compiled by this first call, outside timing.
+    try:
+        torch.testing.assert_close(compiled_ref(), ref(), atol=1e-5, rtol=1e-5)
+        compiled_t, compiled_why = _cuda_time(compiled_ref), None
+    except ProviderUnavailable as exc:
+        compiled_t, compiled_why = None, str(exc)
     benchmark.pedantic(lambda: (ours(), torch.cuda.synchronize()), rounds=20, warmup_rounds=2)
     info = {
         "device": torch.cuda.get_device_name(0),
@@ -314,6 +325,9 @@ def test_rerank_gpu(benchmark, modulation):
         "ours_s": ours_t,
         "reference_s": ref_t,
         "speedup_vs_reference": ref_t / ours_t,
+        "compiled_reference_s": compiled_t,
+        "speedup_vs_compiled_reference": None if compiled_t is None else compiled_t / ours_t,
+        "compiled_reference_unavailable": compiled_why,
     }
     benchmark.extra_info.update(info)
     print(info)

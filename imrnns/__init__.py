@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from imrnns.checkpoints import CheckpointError, load_pretrained, save_pretrained
-from imrnns.model import IMRNN, IMRNNConfig, IMRNNOutput
+from imrnns.config import IMRNNConfig
+from imrnns.model import IMRNN, IMRNNOutput
 
 __version__ = "0.1.0"
 

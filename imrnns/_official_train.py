@@ -218,6 +218,6 @@ def train_official(
 
 
 def _official_val_ids(train: EmbeddedSplit, seed: int) -> list[str]:
-    from imrnns.train import split_validation
+    from imrnns.training.data import split_validation
 
     return split_validation(train.dataset.query_ids, 0.15, seed)[1]

@@ -1,4 +1,4 @@
-"""Checkpoint import/export.
+"""Checkpoint import/export: the public functions over :mod:`imrnns._checkpoint_io`.
 
 Formats read by :func:`load_pretrained`:
 
@@ -16,34 +16,39 @@ Formats read by :func:`load_pretrained`:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from imrnns._atomic import (
-    atomic_directory,
-    check_replaceable,
-    read_format_json,
-    resolve_directory,
+from imrnns._checkpoint_io import (
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    LEGACY_PREFIXES,
+    OFFICIAL_V01_FORMAT,
+    OFFICIAL_V02_FORMAT,
+    SEMANTICS,
+    WEIGHTS_NAME,
+    CheckpointError,
+    canonicalize_safetensors_header,
+    write_checkpoint,
 )
-from imrnns.model import IMRNN, IMRNNConfig
+from imrnns.model import IMRNN
 
-FORMAT = "imrnns-kernels-adapter"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-OFFICIAL_V01_FORMAT = "imrnns-adapter-only-v1"
-OFFICIAL_V02_FORMAT = "imrnns-final-v1"
-LEGACY_PREFIXES = ("e5_projector.", "sbert_projector.")
-SEMANTICS = ("v0.1", "v0.2")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, or does not match the architecture."""
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LEGACY_PREFIXES",
+    "OFFICIAL_V01_FORMAT",
+    "OFFICIAL_V02_FORMAT",
+    "SEMANTICS",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "canonicalize_safetensors_header",
+    "load_pretrained",
+    "save_pretrained",
+]
 
 
 def save_pretrained(model: IMRNN, directory: str | Path) -> Path:
@@ -54,48 +59,7 @@ def save_pretrained(model: IMRNN, directory: str | Path) -> Path:
     ``directory`` must be new, empty, or a checkpoint saved before (it is replaced as a
     whole): a directory of other files raises ValueError.
     """
-    directory = Path(directory)
-    check_replaceable(directory, CONFIG_NAME)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
-    with atomic_directory(directory) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata=meta)
-        canonicalize_safetensors_header(tmp / WEIGHTS_NAME)
-        payload = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "config": model.config.to_dict(),
-        }
-        (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    return directory
-
-
-def canonicalize_safetensors_header(path: str | Path) -> None:
-    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted.
-
-    safetensors (0.8) serialises the metadata map in hash order, which changes from call to
-    call (two keys: either order, about half the time each), so saving the same model twice
-    gave different bytes. The tensor entries are kept in the order written (sorted by
-    safetensors) and the data section is untouched; the header keeps its length (the same
-    keys and values reordered), so it is rewritten in place.
-    """
-    path = Path(path)
-    with open(path, "r+b") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        raw = fh.read(size)
-        header = json.loads(raw, object_pairs_hook=dict)
-        meta = header.get("__metadata__")
-        if not isinstance(meta, dict) or len(meta) < 2:
-            return
-        ordered = {"__metadata__": dict(sorted(meta.items()))}
-        ordered.update((k, v) for k, v in header.items() if k != "__metadata__")
-        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
-        # safetensors pads the header with spaces to a multiple of 8 bytes.
-        text += b" " * (size - len(text))
-        if len(text) != size:
-            raise CheckpointError(f"{path}: unexpected safetensors header layout")
-        fh.seek(8)
-        fh.write(text)
+    return write_checkpoint(model, directory)
 
 
 def load_pretrained(
@@ -106,133 +70,6 @@ def load_pretrained(
 ) -> IMRNN:
     """Load a model from our directory format or an official ``.pt`` checkpoint.
 
-    Args:
-        path: a directory written by :func:`save_pretrained`, or an official ``.pt`` file.
-        semantics: for ``.pt`` files, force ``"v0.1"`` or ``"v0.2"`` instead of detecting it
-            from the file's metadata and projector shape.
-        map_location: device to load the tensors onto.
-
-    Raises:
-        FileNotFoundError: the path does not exist.
-        CheckpointError: (a ValueError) truncated or malformed files, missing/unexpected keys
-            or mismatched shapes; the message names the file and the key.
+    Same as :meth:`imrnns.IMRNN.from_pretrained` (arguments and errors documented there).
     """
-    path = Path(path)
-    if semantics is not None and semantics not in SEMANTICS:
-        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-    if path.is_dir() or (not path.exists() and path.suffix != ".pt"):
-        model = _load_directory(resolve_directory(path))
-    elif path.is_file():
-        model = _load_official(path, semantics)
-    else:
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    model.eval()
-    return model.to(map_location)
-
-
-def _load_directory(directory: Path) -> IMRNN:
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"checkpoint directory {directory} has no {p.name}")
-    payload = read_format_json(config_path, FORMAT, FORMAT_VERSION, CheckpointError, "config")
-    try:
-        config = IMRNNConfig.from_dict(payload["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{config_path}: invalid config ({exc})") from exc
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{weights_path}: unreadable or truncated safetensors ({exc})"
-        ) from exc
-    model = IMRNN(config)
-    _load_state(model, state, weights_path)
-    return model
-
-
-def _load_official(path: Path, semantics: str | None) -> IMRNN:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated/corrupt zip files
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-    metadata: dict[str, Any] = {}
-    if isinstance(payload, dict) and "model_state" in payload:
-        state = payload["model_state"]
-        metadata = payload.get("metadata") or {}
-    else:
-        state = payload
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors under 'model_state'")
-    state = {_rename_legacy(k): v for k, v in state.items()}
-    proj = state.get("projector.weight")
-    if proj is None or proj.dim() != 2:
-        raise CheckpointError(f"{path}: missing 2-D tensor 'projector.weight'")
-    m, n = (int(s) for s in proj.shape)
-    if semantics is None:
-        fmt = metadata.get("checkpoint_format") if isinstance(metadata, dict) else None
-        if fmt == OFFICIAL_V01_FORMAT:
-            semantics = "v0.1"
-        elif fmt == OFFICIAL_V02_FORMAT:
-            semantics = "v0.2"
-        else:
-            semantics = "v0.2" if m == n else "v0.1"
-    config = _infer_config(state, path, n, m, semantics)
-    model = IMRNN(config)
-    _load_state(model, state, path)
-    return model
-
-
-def _rename_legacy(key: str) -> str:
-    for prefix in LEGACY_PREFIXES:
-        if key.startswith(prefix):
-            return "projector." + key[len(prefix) :]
-    return key
-
-
-def _infer_config(
-    state: dict[str, torch.Tensor], path: Path, n: int, m: int, semantics: str
-) -> IMRNNConfig:
-    def shape(key: str) -> tuple[int, ...]:
-        t = state.get(key)
-        if t is None:
-            raise CheckpointError(f"{path}: missing tensor {key!r}")
-        return tuple(t.shape)
-
-    h1 = shape("query_hypernet.hypernet.0.weight")[0]
-    h2 = shape("query_hypernet.hypernet.3.weight")[0]
-    out = shape("query_hypernet.hypernet.6.weight")[0]
-    if out == 2 * m:
-        modulation = "diagonal"
-    elif out == m * m + m:
-        modulation = "affine"
-    else:
-        raise CheckpointError(
-            f"{path}: HyperNet output width {out} fits neither diagonal (2m = {2 * m}) nor "
-            f"affine (m*m + m = {m * m + m}) modulation at m = {m}"
-        )
-    base = IMRNNConfig.official_v01(n, m) if semantics == "v0.1" else IMRNNConfig.official_v02(n)
-    return IMRNNConfig.from_dict(
-        {**base.to_dict(), "dim": m, "hidden_dims": [h1, h2], "modulation": modulation}
-    )
-
-
-def _load_state(model: IMRNN, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
-    for key, ref in expected.items():
-        got = state[key]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-            )
-        if not got.is_floating_point():
-            raise CheckpointError(f"{path}: tensor {key!r} has non-float dtype {got.dtype}")
-        if not bool(torch.isfinite(got).all()):
-            raise CheckpointError(f"{path}: tensor {key!r} contains NaN/Inf")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return IMRNN.from_pretrained(path, semantics=semantics, map_location=map_location)

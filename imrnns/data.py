@@ -149,7 +149,7 @@ def load_corpus_fields(data_dir: str | Path) -> tuple[list[str], list[str], list
     """Read a BEIR corpus keeping ``title`` and ``text`` apart.
 
     :func:`load_beir` joins them (the string the encoder sees); label-free training signals
-    such as title pseudo-queries (:class:`imrnns.train.TrainConfig`'s ``pseudo_queries``)
+    such as title pseudo-queries (:class:`imrnns.training.TrainConfig`'s ``pseudo_queries``)
     need the fields separately.
 
     Args:

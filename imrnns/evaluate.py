@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from imrnns._atomic import atomic_file
-from imrnns._json import finite
 from imrnns.data import BeirDataset, load_beir, seen_doc_split
 from imrnns.metrics import METRICS, evaluate_run, mean_metrics, paired_tests, run_from_results
 from imrnns.model import IMRNN
@@ -450,41 +449,3 @@ def format_table(result: Mapping[str, Any]) -> str:
     for mode, summary in result.get("imrnn", {}).items():
         row(f"imrnn-{mode}", summary, summary.get("significance"))
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m imrnns.evaluate --data DIR [--checkpoint PATH]``: table or JSON."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m imrnns.evaluate")
-    parser.add_argument("--data", required=True, help="BEIR folder")
-    parser.add_argument("--checkpoint", default=None, help="adapter directory or official .pt")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--train-split", default="train",
-                        help="qrels defining seen-doc/unseen-doc queries ('none' to skip)")  # fmt: skip
-    parser.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--feedback-k", type=int, default=100)
-    parser.add_argument("--encoder", default="minilm")
-    parser.add_argument("--cache", default=None)
-    parser.add_argument("--per-query", default=None, help="write per-query metrics (.tsv/.json)")
-    parser.add_argument("--permutations", type=int, default=10000)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    result = evaluate_beir(
-        args.data, args.checkpoint, split=args.split, modes=args.mode,
-        feedback_k=args.feedback_k,
-        train_split=None if args.train_split.lower() == "none" else args.train_split,
-        encoder=args.encoder, cache_dir=args.cache, per_query_path=args.per_query,
-        permutations=args.permutations, show_progress=not args.json,
-    )  # fmt: skip
-    if args.json:
-        print(json.dumps(finite(result), indent=2, sort_keys=True, allow_nan=False))
-    else:
-        print(format_table(result))
-    return 0
-
-
-if __name__ == "__main__":
-    from imrnns.cli import guarded
-
-    raise SystemExit(guarded(main, "python -m imrnns.evaluate"))

@@ -18,123 +18,18 @@ behind its dispatcher without touching this file.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-import imrnns_kernels as K
-from imrnns_kernels import _validation as V
+import imrnns_kernels as kernels
+from imrnns._checkpoint_io import load_state, read_checkpoint, write_checkpoint
+from imrnns.config import IMRNNConfig
+from imrnns_kernels import _validation as checks
 from imrnns_kernels.reference import activate, hypernet
-
-Modulation = Literal["diagonal", "affine"]
-Aggregation = Literal["mean_of_transforms", "transform_of_mean"]
-Weighting = Literal["uniform", "score_weighted"]
-
-AGGREGATIONS = ("mean_of_transforms", "transform_of_mean")
-WEIGHTINGS = ("uniform", "score_weighted")
-
-
-@dataclass(frozen=True)
-class IMRNNConfig:
-    """Architecture and semantics of an IMRNN adapter.
-
-    Attributes:
-        input_dim: base-encoder dim n (384 for all-MiniLM-L6-v2, 1024 for e5-large-v2).
-        dim: working dim m after projection; None means m = n (official v0.2).
-        modulation: ``"diagonal"`` (OUT = 2m) or ``"affine"`` (OUT = m*m + m).
-        aggregation: ``"mean_of_transforms"`` (paper, official v0.2) or
-            ``"transform_of_mean"`` (official v0.1, needed for its checkpoints).
-        feedback_weighting: ``"uniform"`` mean over the feedback set, or ``"score_weighted"``
-            by ``softmax(first_stage_score / feedback_temperature)``.
-        feedback_temperature: temperature of the score weighting.
-        hidden_dims: HyperNet hidden widths (official: 128, 64).
-        dropout: dropout after each HyperNet ReLU, in training only (official v0.1: 0.1).
-        layer_norm_eps: epsilon of both LayerNorms (torch default 1e-5, as official).
-    """
-
-    input_dim: int = 384
-    dim: int | None = None
-    modulation: Modulation = "diagonal"
-    aggregation: Aggregation = "mean_of_transforms"
-    feedback_weighting: Weighting = "uniform"
-    feedback_temperature: float = 0.05
-    hidden_dims: tuple[int, int] = (128, 64)
-    dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        for name in ("input_dim", "dim"):
-            value = getattr(self, name)
-            if value is None and name == "dim":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        V.check_modulation(self.modulation)
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.feedback_weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"feedback_weighting must be one of {WEIGHTINGS}, got {self.feedback_weighting!r}"
-            )
-        if not self.feedback_temperature > 0:
-            raise ValueError(f"feedback_temperature must be > 0, got {self.feedback_temperature}")
-        hidden = tuple(self.hidden_dims)
-        if len(hidden) != 2 or any(isinstance(h, bool) or int(h) != h or h <= 0 for h in hidden):
-            raise ValueError(f"hidden_dims must be two positive ints, got {self.hidden_dims!r}")
-        object.__setattr__(self, "hidden_dims", (int(hidden[0]), int(hidden[1])))
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 <= eps < math.inf:
-            raise ValueError(f"layer_norm_eps must be a finite float >= 0, got {eps!r}")
-
-    @property
-    def working_dim(self) -> int:
-        """m: the projected dim."""
-        return self.input_dim if self.dim is None else self.dim
-
-    @property
-    def transform_dim(self) -> int:
-        """OUT: width of a HyperNet output."""
-        return V.transform_dim(self.working_dim, self.modulation)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["hidden_dims"] = list(self.hidden_dims)
-        d["dim"] = self.working_dim
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IMRNNConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown IMRNNConfig fields {unknown}; known: {sorted(known)}")
-        kwargs = dict(data)
-        if "hidden_dims" in kwargs:
-            kwargs["hidden_dims"] = tuple(kwargs["hidden_dims"])
-        return cls(**kwargs)
-
-    @classmethod
-    def official_v01(cls, input_dim: int, dim: int = 256) -> IMRNNConfig:
-        """Official v0.1: m=256, diagonal, HyperNet of the mean modulated document."""
-        return cls(
-            input_dim=input_dim,
-            dim=dim,
-            modulation="diagonal",
-            aggregation="transform_of_mean",
-            dropout=0.1,
-        )
-
-    @classmethod
-    def official_v02(cls, input_dim: int) -> IMRNNConfig:
-        """Official v0.2: m=n, diagonal, mean of per-document transforms."""
-        return cls(input_dim=input_dim, dim=input_dim, modulation="diagonal")
 
 
 class HyperNet(nn.Module):
@@ -170,10 +65,10 @@ class HyperNet(nn.Module):
             with torch.no_grad():
                 self.hypernet[6].bias[: m * m] = torch.eye(m).flatten()
 
-    def weights(self) -> K.HyperNetWeights:
+    def weights(self) -> kernels.HyperNetWeights:
         """The six tensors as the ops take them."""
         seq = self.hypernet
-        return K.HyperNetWeights(
+        return kernels.HyperNetWeights(
             seq[0].weight, seq[0].bias, seq[3].weight, seq[3].bias, seq[6].weight, seq[6].bias
         )
 
@@ -219,20 +114,39 @@ class IMRNN(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> IMRNN:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        semantics: str | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> IMRNN:
         """Load our directory format or an official v0.1/v0.2 ``.pt`` checkpoint.
 
-        See :func:`imrnns.checkpoints.load_pretrained` for the keyword arguments.
-        """
-        from imrnns.checkpoints import load_pretrained
+        Args:
+            path: a directory written by :meth:`save_pretrained`, or an official ``.pt`` file.
+            semantics: for ``.pt`` files, force ``"v0.1"`` or ``"v0.2"`` instead of detecting
+                it from the file's metadata and projector shape.
+            map_location: device to load the tensors onto.
 
-        return load_pretrained(path, **kwargs)
+        Raises:
+            FileNotFoundError: the path does not exist.
+            CheckpointError: (a ValueError) truncated or malformed files, missing/unexpected
+                keys or mismatched shapes; the message names the file and the key.
+        """
+        config, state, source = read_checkpoint(path, semantics)
+        model = cls(config)
+        load_state(model, state, source)
+        model.eval()
+        return model.to(map_location)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` + ``config.json`` into ``directory``, atomically."""
-        from imrnns.checkpoints import save_pretrained
+        """Write ``model.safetensors`` + ``config.json`` into ``directory``, atomically.
 
-        return save_pretrained(self, directory)
+        ``directory`` must be new, empty, or a checkpoint saved before (replaced as a whole);
+        a directory of other files raises ValueError.
+        """
+        return write_checkpoint(self, directory)
 
     # ------------------------------------------------------------------ building blocks
     @property
@@ -246,7 +160,9 @@ class IMRNN(nn.Module):
     def project(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(..., n) base embeddings -> (..., m) unit vectors p(x)."""
         self._check_embeddings("embeddings", embeddings, None)
-        return K.project(embeddings.to(self.dtype), self.projector.weight, self.projector.bias)
+        return kernels.project(
+            embeddings.to(self.dtype), self.projector.weight, self.projector.bias
+        )
 
     def query_transform(self, projected_queries: torch.Tensor) -> torch.Tensor:
         """(B, m) -> (B, OUT): ``act(A_q(p(q)))``, the transform applied to documents."""
@@ -286,7 +202,7 @@ class IMRNN(nn.Module):
                 per_doc = self.doc_hypernet(corpus[feedback_ids.long()].to(self.dtype))
                 return _weighted_mean(per_doc, feedback_weights)
             extra = {} if cache is None else {"cache": cache}
-            return K.adapter_reduce(
+            return kernels.adapter_reduce(
                 corpus,
                 feedback_ids,
                 self.doc_hypernet.weights(),
@@ -300,7 +216,7 @@ class IMRNN(nn.Module):
 
     def modulate_documents(self, docs: torch.Tensor, query_transform: torch.Tensor) -> torch.Tensor:
         """(B, K, m) p(d) -> (B, K, m) d~ = LN_d(T_q(p(d)))."""
-        return K.modulate_layernorm(
+        return kernels.modulate_layernorm(
             docs,
             query_transform,
             self.doc_norm.weight,
@@ -313,7 +229,7 @@ class IMRNN(nn.Module):
         self, projected_queries: torch.Tensor, document_transform: torch.Tensor
     ) -> torch.Tensor:
         """(B, m) p(q) -> (B, m) q~ = LN_q(T_bar(p(q)))."""
-        return K.modulate_layernorm(
+        return kernels.modulate_layernorm(
             projected_queries,
             document_transform,
             self.query_norm.weight,
@@ -347,7 +263,7 @@ class IMRNN(nn.Module):
         modulated_queries: torch.Tensor,
     ) -> torch.Tensor:
         """(B, K) float32 ``cos(q~, LN_d(T_q(corpus[ids])))`` through the fused op."""
-        return K.modulated_score(
+        return kernels.modulated_score(
             corpus,
             candidate_ids,
             query_transform,
@@ -411,11 +327,11 @@ class IMRNN(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def _check_embeddings(self, name: str, x: object, ndim: int | None) -> None:
-        x = V.check_float(name, x, ndim)
+        x = checks.check_float(name, x, ndim)
         if x.shape[-1] != self.config.input_dim:
             raise ValueError(
                 f"{name} must have last dim {self.config.input_dim} (the model's input_dim), "
-                f"got {V.describe(x)}"
+                f"got {checks.describe(x)}"
             )
         if x.device != self.device:
             raise ValueError(f"{name} is on {x.device} but the model is on {self.device}")
@@ -428,12 +344,12 @@ class IMRNN(nn.Module):
         if candidates.shape[0] != queries.shape[0]:
             raise ValueError(
                 f"queries and candidates disagree on the batch size: queries "
-                f"{V.describe(queries)}, candidates {V.describe(candidates)}"
+                f"{checks.describe(queries)}, candidates {checks.describe(candidates)}"
             )
         if candidates.shape[1] == 0:
-            raise ValueError(f"candidates is an empty candidate set: {V.describe(candidates)}")
-        V.check_finite("queries", queries)
-        V.check_finite("candidates", candidates)
+            raise ValueError(f"candidates is an empty candidate set: {checks.describe(candidates)}")
+        checks.check_finite("queries", queries)
+        checks.check_finite("candidates", candidates)
         return queries.to(self.dtype), candidates.to(self.dtype)
 
     # ------------------------------------------------------------------ interpretability
@@ -466,6 +382,6 @@ def _weighted_mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tenso
     """(B, K, D) -> (B, D): mean over K, weighted when weights (B, K) are given."""
     if weights is None:
         return x.mean(dim=1)
-    V.check_weights("feedback_weights", weights, tuple(x.shape[:2]))
+    checks.check_weights("feedback_weights", weights, tuple(x.shape[:2]))
     w = weights.to(x.dtype)
     return torch.einsum("bk,bkd->bd", w / w.sum(dim=1, keepdim=True), x)

@@ -7,6 +7,7 @@ an out-of-bounds read inside a kernel.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -84,6 +85,23 @@ def transform_dim(dim: int, modulation: str) -> int:
     return 2 * dim if modulation == "diagonal" else dim * dim + dim
 
 
+def dim_from_transform(out: int, modulation: str) -> int:
+    """Working dim m from a transform width OUT (2m or m*m + m): the inverse of
+    :func:`transform_dim`.
+
+    Raises:
+        ValueError: ``out`` is not a width of ``modulation``.
+    """
+    if modulation == "diagonal":
+        if out % 2:
+            raise ValueError(f"diagonal transform width must be even (2m), got {out}")
+        return out // 2
+    m = int((math.isqrt(1 + 4 * out) - 1) // 2)
+    if m * m + m != out:
+        raise ValueError(f"affine transform width must be m*m + m, got {out}")
+    return m
+
+
 def check_transform(name: str, transform: object, batch: int, dim: int, modulation: str) -> None:
     t = check_float(name, transform, 2)
     out = transform_dim(dim, modulation)
@@ -92,6 +110,14 @@ def check_transform(name: str, transform: object, batch: int, dim: int, modulati
             f"{name} must have shape ({batch}, {out}) for {modulation} modulation at dim {dim}, "
             f"got {describe(t)}"
         )
+
+
+def check_layernorm(ln_weight: object, ln_bias: object, dim: int) -> None:
+    """LayerNorm parameters: two floating-point (dim,) tensors."""
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        t = check_float(name, t, 1)
+        if t.shape[0] != dim:
+            raise ValueError(f"{name} must have shape ({dim},), got {describe(t)}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
@@ -131,3 +157,23 @@ def check_k(k: object) -> int:
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
     return k
+
+
+def check_workspace_bytes(workspace_bytes: object) -> int | None:
+    """``workspace_bytes`` as given when it is None or a positive int; else raise.
+
+    Raises:
+        TypeError: not an int (bool, float and numpy scalars are refused: a float budget is
+            usually a MiB figure passed by mistake).
+        ValueError: zero or negative.
+    """
+    if workspace_bytes is None:
+        return None
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
+        raise TypeError(
+            f"workspace_bytes must be a positive int (bytes) or None, got "
+            f"{type(workspace_bytes).__name__} {workspace_bytes!r}"
+        )
+    if workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be a positive int (bytes), got {workspace_bytes}")
+    return workspace_bytes

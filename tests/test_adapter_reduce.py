@@ -12,9 +12,9 @@ import torch
 
 import imrnns_kernels as K
 from imrnns_kernels import dispatch, reference
-from imrnns_kernels.cpu import adapter_reduce as cpu_impl
+from imrnns_kernels.adapter import cpu as cpu_impl
+from imrnns_kernels.testing import DTYPES, assert_close, unit_rows
 from imrnns_kernels.types import HyperNetWeights
-from tests.utils import DTYPES, assert_close, unit_rows
 
 FUSED = ("triton", "cpu")
 MODULATIONS = ("diagonal", "affine")
@@ -115,9 +115,7 @@ def test_document_transforms_matches_reference(backend, modulation, m):
     w64 = _hypernet(m, modulation)
     corpus = unit_rows(n, m, torch.bfloat16)
     with K.use_backend(backend):
-        got = dispatch.document_transforms(
-            corpus, _cast(w64, torch.float32), modulation, chunk_rows=32
-        )
+        got = K.document_transforms(corpus, _cast(w64, torch.float32), modulation, chunk_rows=32)
     expected = reference.document_transforms(corpus.double(), w64, modulation)
     width = 2 * m if modulation == "diagonal" else 64
     assert got.shape == (n, width) and got.dtype == torch.float32
@@ -135,7 +133,7 @@ def test_cached_reduce_matches_uncached(backend, modulation, weighted, cache_dty
     corpus, ids = unit_rows(n, m), _ids(b, k, n)
     fw = _fw(b, k) if weighted else None
     with K.use_backend(backend):
-        cache = dispatch.document_transforms(corpus, w32, modulation).to(cache_dtype)
+        cache = K.document_transforms(corpus, w32, modulation).to(cache_dtype)
         got = K.adapter_reduce(corpus, ids, w32, fw, modulation, cache=cache)
     # Against the reference given the same (possibly fp16-rounded) cache ...
     assert_close(got, _expected(corpus, ids, w64, fw, modulation, cache=cache), torch.float32)
@@ -152,7 +150,7 @@ def test_corpus_transform_matches_reference(backend, modulation, m, chunk_rows):
     w64 = _hypernet(m, modulation)
     corpus = unit_rows(n, m, torch.float16)
     with K.use_backend(backend):
-        got = dispatch.corpus_transform(corpus, _cast(w64, torch.float32), modulation, chunk_rows)
+        got = K.corpus_transform(corpus, _cast(w64, torch.float32), modulation, chunk_rows)
     assert got.shape == (K.transform_dim(m, modulation),) and got.dtype == torch.float32
     assert_close(got, reference.corpus_transform(corpus.double(), w64, modulation), torch.float32)
 
@@ -236,7 +234,7 @@ def test_gradients_through_cache(backend, modulation):
         f = fw.to(dtype).requires_grad_()
         w = HyperNetWeights(*p)
         with K.use_backend(use_backend):
-            cache = dispatch.document_transforms(corpus.to(dtype), w, modulation)
+            cache = K.document_transforms(corpus.to(dtype), w, modulation)
             out = K.adapter_reduce(corpus.to(dtype), ids, w, f, modulation, cache=cache)
         return torch.autograd.grad(out, [*p, f], g.to(out.dtype))
 
@@ -302,7 +300,7 @@ def test_affine_cache_must_be_hidden_states():
         K.adapter_reduce(corpus, ids, w, modulation="affine", cache=torch.zeros(10, 42))
 
 
-@pytest.mark.parametrize("op", [dispatch.corpus_transform, dispatch.document_transforms])
+@pytest.mark.parametrize("op", [K.corpus_transform, K.document_transforms])
 def test_corpus_ops_reject_bad_input(op):
     corpus, _, w = _valid()
     with pytest.raises(ValueError, match="corpus is empty"):
@@ -336,7 +334,7 @@ def test_compiled_kernels_match_reference(modulation, m, k, dtype):
         fc = None if f is None else f.cuda()
         got = K.adapter_reduce(corpus.cuda(), ids.cuda(), w32, fc, modulation)
         assert_close(got.cpu(), expected, torch.float32)
-        cache = dispatch.document_transforms(corpus.cuda(), w32, modulation)
+        cache = K.document_transforms(corpus.cuda(), w32, modulation)
         got = K.adapter_reduce(corpus.cuda(), ids.cuda(), w32, fc, modulation, cache=cache)
         assert_close(got.cpu(), expected, torch.float32)
 

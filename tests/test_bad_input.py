@@ -39,7 +39,6 @@ from imrnns.cli import main
 from imrnns.data import load_beir
 from imrnns.distributed import DistributedIMRNNIndex, memory_per_rank, shard_bounds
 from imrnns.index import IndexError_
-from imrnns_kernels import dispatch
 from tests.test_model import randomised
 
 N_IN, M = 16, 8  # tiny model: input dim n, working dim m
@@ -396,7 +395,7 @@ def reduce_ids_past_the_corpus(ws):
 def reduce_cache_shape(ws):
     if "cache" not in K.adapter_reduce.__code__.co_varnames:
         pytest.skip("adapter_reduce takes no cache yet")
-    return lambda: dispatch.adapter_reduce(
+    return lambda: K.adapter_reduce(
         torch.randn(9, 5), torch.zeros(2, 4, dtype=torch.long), hypernet(), cache=torch.zeros(9, 3)
     )
 
@@ -420,9 +419,7 @@ def layernorm_rank_4(ws):
 
 @case("ops", ValueError, r"chunk_rows must be a positive int or None, got 0")
 def document_transforms_chunk(ws):
-    if not hasattr(dispatch, "document_transforms"):
-        pytest.skip("document_transforms is not a public op yet")
-    return lambda: dispatch.document_transforms(torch.randn(9, 5), hypernet(), "diagonal", 0)
+    return lambda: K.document_transforms(torch.randn(9, 5), hypernet(), "diagonal", 0)
 
 
 @case("ops", ValueError, r"unknown backend 'gpu'")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from imrnns import IMRNN, CheckpointError, IMRNNConfig
-from imrnns import checkpoints as ckpt
+from imrnns import _checkpoint_io as ckpt
 from imrnns.checkpoints import load_pretrained, save_pretrained
 from tests.restate import restate_scores
 from tests.test_model import randomised

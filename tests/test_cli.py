@@ -13,7 +13,7 @@ import pytest
 from imrnns import IMRNN, IMRNNConfig
 from imrnns.cli import build_parser, main
 
-COMMANDS = ["encode", "search", "evaluate", "train", "demo", "explain", "bench"]
+COMMANDS = ["encode", "search", "evaluate", "train", "demo", "explain"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -37,9 +37,9 @@ def test_parser_defaults_to_vendored_scifact():
 
 
 def test_train_passes_every_option_through(monkeypatch, tmp_path):
-    """``imrnns train`` takes the options of ``python -m imrnns.train``: --set, --refit,
+    """``imrnns train`` takes the options of ``python -m imrnns.cli.train``: --set, --refit,
     --refit-epochs, --no-resume; a named option wins over the same key in --set."""
-    import imrnns.train as train_mod
+    import imrnns.training as train_mod
 
     seen: dict = {}
 
@@ -165,15 +165,15 @@ def test_train_bad_set_values_exit_2(capsys):
         assert f"imrnns train: error: {key} must be" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["imrnns.train", "imrnns.evaluate"])
+@pytest.mark.parametrize("module", ["imrnns.cli.train", "imrnns.cli.evaluate"])
 def test_module_entry_points_exit_2_on_bad_input(module, monkeypatch, capsys, tmp_path) -> None:
-    # Regression: `python -m imrnns.train/evaluate` ended bad input in a traceback.
+    # Regression: `python -m imrnns.cli.train` / `imrnns.cli.evaluate` ended bad input in a traceback.
     import runpy
     import warnings
 
     missing = tmp_path / "no-such-beir-folder"
     argv = [module, "--data", str(missing)] + (
-        ["--out", str(tmp_path / "o")] * (module == "imrnns.train")
+        ["--out", str(tmp_path / "o")] * (module == "imrnns.cli.train")
     )
     monkeypatch.setattr(sys, "argv", argv)
     with warnings.catch_warnings():

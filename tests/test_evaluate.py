@@ -213,7 +213,7 @@ def test_duplicate_query_ids_are_refused() -> None:
 
 def test_main_json_is_strict_when_a_subset_is_empty(tmp_path: Path, monkeypatch, capsys) -> None:
     """An empty seen-doc subset has NaN means; ``--json`` wrote the bare token NaN (not JSON)."""
-    import imrnns.evaluate as ev
+    import imrnns.cli.evaluate as ev
 
     root = _beir(tmp_path / "beir", train_qrels="query-id\tcorpus-id\tscore\nt0\td1\t0\n")
     real = ev.evaluate_beir

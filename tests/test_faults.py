@@ -13,7 +13,7 @@ milliseconds, not an interpreter start; they only write files (no OpenMP work af
 Training: a forked child trains (one thread) and is killed right after an epoch's
 checkpoint, or while it writes the checkpoint; the same call restarted resumes from ``last/``
 and ends with exactly the weights (and per-epoch losses) of an uninterrupted run, as
-imrnns/train.py promises.
+imrnns.training promises.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _install_hook(point: str, target: Path, ready: Path, module: str) -> None:
 def _child_save(kind: str, point: str, target: Path, ready: Path, thing: Any) -> None:
     # ``thing`` was built by the parent: after fork, the child must not run OpenMP work
     # (libgomp's pool does not survive fork: projecting a corpus here hangs).
-    module = "imrnns.index" if kind == "index" else "imrnns.checkpoints"
+    module = "imrnns.index.storage" if kind == "index" else "imrnns._checkpoint_io"
     _install_hook(point, target, ready, module)
     if kind == "index":
         thing.save(target)
@@ -240,7 +240,7 @@ def training_inputs() -> tuple[Any, Any]:
     """Synthetic BEIR training split (random embeddings) and a 4-epoch TrainConfig."""
     from imrnns.data import BeirDataset
     from imrnns.evaluate import EmbeddedSplit
-    from imrnns.train import TrainConfig, prepare_training_data
+    from imrnns.training import TrainConfig, prepare_training_data
 
     rng = np.random.default_rng(11)
     n_docs, n_q, dim = 120, 30, 16
@@ -263,7 +263,7 @@ def _train_child(out: Path, point: str, ready: Path, data: Any, config: Any) -> 
     # single-threaded child never uses it (and one thread makes the arithmetic identical to
     # the parent's reference run).
     torch.set_num_threads(1)
-    import imrnns.train as T
+    import imrnns.training.loop as T
 
     if point == "during-checkpoint":
         real = T.torch.save
@@ -285,7 +285,7 @@ def _train_child(out: Path, point: str, ready: Path, data: Any, config: Any) -> 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, Any], Any, Any]:
-    from imrnns.train import train
+    from imrnns.training import train
 
     out = tmp_path_factory.mktemp("train") / "whole"
     threads = torch.get_num_threads()
@@ -300,7 +300,7 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, Any], Any, Any]:
 
 @pytest.mark.parametrize("point", ["after-epoch", "during-checkpoint"])
 def test_killed_training_resumes_to_the_same_weights(tmp_path, uninterrupted, point):
-    from imrnns.train import train
+    from imrnns.training import train
 
     whole_dir, whole, data, config = uninterrupted
     out, ready = tmp_path / "killed", tmp_path / "ready"

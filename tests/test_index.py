@@ -203,7 +203,7 @@ def test_failed_save_keeps_previous_index(tmp_path, corpus, queries, monkeypatch
     def boom(*a, **kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr("imrnns.index.faiss.write_index", boom)
+    monkeypatch.setattr("imrnns.index.storage.faiss.write_index", boom)
     with pytest.raises(OSError, match="disk full"):
         index.save(tmp_path / "idx")
     monkeypatch.undo()

@@ -12,11 +12,10 @@ import torch
 
 import imrnns_kernels as K
 from imrnns_kernels import reference as R
-from imrnns_kernels.cpu.modulated_score import ModulatedScoreCPU
-from imrnns_kernels.ops import modulated_score as triton_score
-from imrnns_kernels.ops._scoring_common import topk_by_id
-from tests._scoring_inputs import scoring_inputs
-from tests.utils import DTYPES, assert_close
+from imrnns_kernels.scoring import triton as triton_score
+from imrnns_kernels.scoring.cpu import ModulatedScoreCPU
+from imrnns_kernels.testing import DTYPES, assert_close, scoring_inputs
+from imrnns_kernels.topk import topk_by_id
 
 BACKENDS = ("triton", "cpu")
 MODULATIONS = ("diagonal", "affine")
@@ -98,7 +97,7 @@ def test_gradients_match_reference_autograd(backend, modulation):
 
 def _reference_f64(leaves, ids, modulation):
     corpus, transform, ln_w, ln_b, queries = leaves
-    from imrnns_kernels.reference.modulate import modulate_layernorm
+    from imrnns_kernels.reference import modulate_layernorm
 
     d = modulate_layernorm(corpus[ids], transform, ln_w, ln_b, modulation, 1e-5)
     d = torch.nn.functional.normalize(d, dim=-1)
@@ -232,7 +231,7 @@ def test_cpu_blocks_and_reused_buffers(modulation, monkeypatch):
     """Several query blocks over 2 workers, and successive calls of other shapes and storage
     dtypes reusing the per-thread buffers: every call matches the reference, and an earlier
     result is not overwritten by a later call."""
-    from imrnns_kernels.cpu import modulated_score as cpu_score
+    from imrnns_kernels.scoring import cpu as cpu_score
 
     monkeypatch.setattr(cpu_score, "BLOCK_ELEMENTS", 2 * 37 * 50)  # 2 queries a block
     threads = torch.get_num_threads()

@@ -8,11 +8,11 @@ import torch
 
 import imrnns_kernels as K
 from imrnns_kernels import reference as R
-from imrnns_kernels.cpu import modulated_topk as cpu_topk
-from imrnns_kernels.ops import _scoring_common as C
-from imrnns_kernels.ops import modulated_topk as triton_topk
-from tests._scoring_inputs import scoring_inputs
-from tests.utils import DTYPES, assert_close
+from imrnns_kernels import topk
+from imrnns_kernels.scoring import cpu as cpu_topk
+from imrnns_kernels.scoring import moments
+from imrnns_kernels.scoring import triton as triton_topk
+from imrnns_kernels.testing import DTYPES, assert_close, scoring_inputs
 
 BACKENDS = ("triton", "cpu")
 MODULATIONS = ("diagonal", "affine")
@@ -24,7 +24,7 @@ def _all_scores(x, modulation):
     b, n = x.queries.shape[0], x.corpus.shape[0]
     ids = torch.arange(n).expand(b, n)
     corpus, transform, ln_w, ln_b, queries = x64
-    from imrnns_kernels.reference.modulate import modulate_layernorm
+    from imrnns_kernels.reference import modulate_layernorm
 
     d = modulate_layernorm(corpus[ids], transform, ln_w, ln_b, modulation, 1e-5)
     d = torch.nn.functional.normalize(d, dim=-1)
@@ -125,27 +125,27 @@ def test_topk_machinery_breaks_exact_ties_by_lower_id():
             [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
         ]
     )
-    top = C.StreamingTopK(2, 4, torch.device("cpu"))
+    top = topk.StreamingTopK(2, 4, torch.device("cpu"))
     for start in range(0, 8, 3):  # chunks [0:3], [3:6], [6:8]
         top.add(scores[:, start : start + 3], start)
     s, i = top.result()
     assert i.tolist() == [[1, 6, 0, 2], [0, 1, 2, 3]]
     assert s[0].tolist() == pytest.approx([0.9, 0.9, 0.5, 0.5])
-    _, idx = C.chunk_topk(scores, 3)
+    _, idx = topk.chunk_topk(scores, 3)
     assert idx.tolist()[1] == [0, 1, 2] and sorted(idx.tolist()[0]) == [0, 1, 6]
     big = torch.zeros(3, 5000)
     big[:, 4321] = 1.0
-    _v, idx = C.chunk_topk(big, 4)
+    _v, idx = topk.chunk_topk(big, 4)
     assert idx.tolist() == [[4321, 0, 1, 2]] * 3
     # many ties at the cut of a large chunk (the torch.topk + stable-sort repair path)
-    top = C.StreamingTopK(1, 2, torch.device("cpu"))
+    top = topk.StreamingTopK(1, 2, torch.device("cpu"))
     flat = torch.full((1, 30), 0.3)
     flat[0, 25] = 0.7
     for start in range(0, 30, 10):
         top.add(flat[:, start : start + 10], start)
     assert top.result()[1].tolist() == [[25, 0]]
     # -inf columns (pairs a kernel dropped) never enter, in the first chunk or a later one
-    top = C.StreamingTopK(1, 4, torch.device("cpu"))
+    top = topk.StreamingTopK(1, 4, torch.device("cpu"))
     top.add(torch.tensor([[float("-inf"), 0.2, float("-inf")]]), 0)
     top.add(torch.tensor([[float("-inf"), 0.4]]), 3)
     s, i = top.result()
@@ -165,25 +165,25 @@ def test_diagonal_algebra_matches_float64_reference_closely():
             )
             x = x._replace(transform=transform, ln_weight=torch.ones(m), ln_bias=torch.zeros(m))
         x = x._replace(corpus=x.corpus + 0.05)  # a shared component, as real embeddings have
-        atoms = C.diagonal_atoms(*x[1:], torch.float32)
+        atoms = moments.diagonal_atoms(*x[1:], torch.float32)
         d = x.corpus
         mom = torch.einsum("abm,nm->abn", atoms.lin, d)
         mom[4:] += torch.einsum("abm,nm->abn", atoms.quad, d * d)
-        got = C.cosine_epilogue_(*mom.unbind(0), atoms.consts, 1e-5)
+        got = moments.cosine_epilogue_(*mom.unbind(0), atoms.consts, 1e-5)
         assert_close(got, _all_scores(x, "diagonal"), torch.float32)
         # and the algebra itself is exact: in float64 it agrees to 1e-10
-        atoms64 = C.diagonal_atoms(*x.double()[1:], torch.float64)
+        atoms64 = moments.diagonal_atoms(*x.double()[1:], torch.float64)
         d64 = d.double()
         mom = torch.einsum("abm,nm->abn", atoms64.lin, d64)
         mom[4:] += torch.einsum("abm,nm->abn", atoms64.quad, d64 * d64)
-        got64 = C.cosine_epilogue_(*mom.unbind(0), atoms64.consts, 1e-5)
+        got64 = moments.cosine_epilogue_(*mom.unbind(0), atoms64.consts, 1e-5)
         assert_close(got64, _all_scores(x, "diagonal"), torch.float64)
 
 
 def test_affine_centering_is_exact():
     b, n, m = 2, 100, 40
     x = scoring_inputs(b, n, m, "affine").double()
-    prep = C.affine_prep(*x[1:], torch.float64)
+    prep = moments.affine_prep(*x[1:], torch.float64)
     y = torch.einsum("bij,nj->bni", prep.weight, x.corpus) + prep.bias[:, None, :]
     assert float(y.mean(dim=-1).abs().max()) < 1e-14
 
@@ -211,7 +211,7 @@ def test_rows_with_a_large_common_offset(backend, b):
     """Rows N(100, 1), near-uniform scales: the one-pass moments lose ~13 bits. The CPU path
     recomputes the flagged pairs, Triton's dot kernel (b = 9) drops and counts them and the
     call is redone by the two-pass row kernel (b = 2 runs it directly)."""
-    from imrnns_kernels.ops import modulated_topk as triton_topk
+    from imrnns_kernels.scoring import triton as triton_topk
 
     n, m, k = 301, 48, 20
     g = torch.Generator().manual_seed(5)
@@ -235,7 +235,7 @@ def test_dot_kernel_compiled_shapes_match(b, m, dtype):
     the interpreter's own block shapes."""
     n = 1000 + 17
     x = scoring_inputs(b, n, m, "diagonal", dtype=dtype)
-    atoms = C.diagonal_atoms(x.transform, x.ln_weight, x.ln_bias, x.queries, torch.float32)
+    atoms = moments.diagonal_atoms(x.transform, x.ln_weight, x.ln_bias, x.queries, torch.float32)
     lin, quad = triton_topk.dot_operands(atoms)
     out = torch.empty(b, n)
     ill = torch.zeros(1, dtype=torch.int32)

@@ -32,9 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import imrnns_kernels as K
-from imrnns_kernels import dispatch, reference
+from imrnns_kernels import reference
+from imrnns_kernels.testing import TOLERANCES
 from imrnns_kernels.types import HyperNetWeights
-from tests.utils import TOLERANCES
 
 BACKENDS = ("cpu", "triton")
 REGIMES = ("unit", "scaled", "offset", "tiny_var", "dupes")
@@ -247,14 +247,12 @@ def test_adapter_reduce(backend: str, regime: str, data: Any) -> None:
     assert got.dtype == torch.float32
     assert_as_accurate(got, want, ref32, "adapter_reduce", c)
     # duplicate ids count once per occurrence: same as the explicit mean over (b, k) slots
-    if hasattr(dispatch, "document_transforms"):
-        cache = run_backend(backend, dispatch.document_transforms, corpus, hn, c.modulation)
+    if hasattr(K, "document_transforms"):
+        cache = run_backend(backend, K.document_transforms, corpus, hn, c.modulation)
         cache_ref = reference.document_transforms(d64(corpus), d64(hn), c.modulation)
         cache_ref32 = reference.document_transforms(corpus, hn, c.modulation)
         assert_as_accurate(cache, cache_ref, cache_ref32, "document_transforms", c)
-        via = run_backend(
-            backend, dispatch.adapter_reduce, corpus, ids, hn, fw, c.modulation, cache=cache
-        )
+        via = run_backend(backend, K.adapter_reduce, corpus, ids, hn, fw, c.modulation, cache=cache)
         assert_as_accurate(via, want, ref32, "adapter_reduce(cache=...)", c)
 
 
@@ -263,11 +261,11 @@ def test_adapter_reduce(backend: str, regime: str, data: Any) -> None:
 @given(data=st.data(), chunk=st.sampled_from([None, 1, 3, 7]))
 def test_corpus_transform(backend: str, regime: str, data: Any, chunk: int | None) -> None:
     c = data.draw(cases(regime))
-    if not hasattr(dispatch, "corpus_transform"):
+    if not hasattr(K, "corpus_transform"):
         pytest.skip("corpus_transform is not a public op yet")
     g = c.gen()
     corpus, hn = corpus_for(c, g), hypernet_for(c, g)
-    got = run_backend(backend, dispatch.corpus_transform, corpus, hn, c.modulation, chunk)
+    got = run_backend(backend, K.corpus_transform, corpus, hn, c.modulation, chunk)
     want = reference.corpus_transform(d64(corpus), d64(hn), c.modulation)
     ref32 = reference.corpus_transform(corpus, hn, c.modulation)
     assert_as_accurate(got, want, ref32, "corpus_transform", c)

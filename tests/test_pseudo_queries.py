@@ -18,17 +18,17 @@ from safetensors.torch import load_file
 
 from imrnns.data import load_corpus_fields
 from imrnns.evaluate import EmbeddedSplit
-from imrnns.train import (
+from imrnns.training import (
     PseudoQueries,
     TrainConfig,
-    _epoch_generator,
-    _step_loss,
     build_pseudo_queries,
     prepare_training_data,
     pseudo_query_texts,
     train,
     train_from_beir,
 )
+from imrnns.training.batches import _epoch_generator
+from imrnns.training.losses import _step_loss
 from tests.test_train import SMALL, check_resume, synthetic_graded
 
 PSEUDO = dataclasses.replace(SMALL, pseudo_queries="title", pseudo_batch=16)
@@ -195,7 +195,7 @@ def test_pseudo_examples_enter_the_loss_with_their_weight(small_split: EmbeddedS
     pseudo = _pseudo(small_split)
     data = prepare_training_data(small_split, PSEUDO, pseudo=pseudo)
     from imrnns import IMRNN
-    from imrnns.train import _init_projector
+    from imrnns.training.loop import _init_projector
 
     torch.manual_seed(0)
     model = IMRNN(PSEUDO.model_config(16))

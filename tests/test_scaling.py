@@ -1,16 +1,22 @@
-"""The scaling sweep (``imrnns bench`` / ``python -m benchmarks.scaling``): end to end on a tiny
-size, its JSON against the schema, and the pieces that decide what it measures and skips."""
+"""The scaling sweep (``python -m benchmarks.scaling``): end to end on a tiny size, its JSON
+against the schema, and the pieces that decide what it measures and skips."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from imrnns import bench
+from benchmarks import scaling as bench
+from benchmarks.scaling import cli as scaling_cli
+from benchmarks.scaling import providers as scaling_providers
+from benchmarks.scaling import report as scaling_report
+from benchmarks.scaling import runner as scaling_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "benchmarks" / "schema" / "scaling.schema.json"
@@ -72,6 +78,12 @@ def test_sweep_end_to_end_tiny(tmp_path, capsys):
             p["mode"] == "exhaustive" or p["modulation"] == "affine"
         ):
             assert p["status"] == "skipped"
+    # torch.compile of the reference: timed, or unavailable with the reason (no C++ compiler).
+    for p in pts:
+        if p["provider"] == "compiled_reference":
+            assert p["status"] == "ok" or p["skip_code"] == "unavailable", p
+            if p["status"] == "ok":
+                assert p["warmup_s"] > 0  # the compilation, outside every timed call
     for p in pts:
         if p["status"] == "ok":
             assert p["latency_s"] > 0 and math.isclose(p["qps"], p["batch"] / p["latency_s"])
@@ -99,7 +111,7 @@ def test_schema_rejects_a_skip_without_reason():
 def _minimal_doc() -> dict:
     return {
         "schema_version": 1,
-        "tool": "imrnns bench",
+        "tool": "python -m benchmarks.scaling",
         "created": "2026-01-01T00:00:00+00:00",
         "machine_name": "x",
         "machine": {
@@ -186,7 +198,7 @@ def test_verify_aborts_on_wrong_fused_results(tmp_path, monkeypatch):
         fns["fused"] = wrong
         return fns
 
-    monkeypatch.setattr(bench, "exhaustive_providers", broken)
+    monkeypatch.setattr(scaling_runner, "exhaustive_providers", broken)
     cfg = bench.SweepConfig(
         sizes=[500], batches=[1], k=5, dim=16, feedback_k=10, modulations=["diagonal"],
         modes=["exhaustive"], providers=["fused", "reference"], targets=False, plot=False,
@@ -205,16 +217,39 @@ def test_compare_tolerates_tie_order_not_wrong_scores():
     assert not bad["passed"]
 
 
-def test_cli_has_bench(capsys):
-    from imrnns.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
+def test_sweep_command_has_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scaling", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
     assert "--sizes" in out and "--budget-s" in out
 
 
+def test_compiled_reference_reports_itself_unavailable(monkeypatch):
+    """Where torch.compile cannot run, the provider is a recorded skip with the reason."""
+    reason = "torch.compile on the CPU needs a C++ compiler (none of $CXX, g++, c++, clang++)"
+    monkeypatch.setattr(scaling_providers, "compile_unavailable_reason", lambda device: reason)
+    model = bench.make_model(8, "diagonal", 0, "cpu")
+    corpus = bench.build_corpus(40, 8, torch.float32, "cpu", 0, False, 1 << 30)
+    q = bench.unit_rows(2, 8, torch.float32, "cpu", 1)
+    tq, qt = bench.query_state(model, corpus.data, q, 5, 0, "cpu")
+    prob = bench.Problem(corpus, model, None, None, q, tq, qt, torch.zeros(2, 5, dtype=torch.long))
+    for table in (
+        bench.exhaustive_providers(prob, 3, "cpu"),
+        bench.rerank_providers(prob, 3, "cpu"),
+    ):
+        assert table["compiled_reference"] == ("unavailable", reason)
+    with pytest.raises(bench.ProviderUnavailable, match="C\\+\\+ compiler"):
+        bench.CompiledReference(torch.add)(torch.ones(2), torch.ones(2))
+
+
 def test_number_formats():
-    assert bench._ints("1e4, 3e6,256") == [10_000, 3_000_000, 256]
-    assert [bench._fmt_n(n) for n in (500, 10_000, 30_000, 2017)] == ["500", "1e4", "3e4", "2.02e3"]
+    assert scaling_cli._ints("1e4, 3e6,256") == [10_000, 3_000_000, 256]
+    assert [scaling_report._fmt_n(n) for n in (500, 10_000, 30_000, 2017)] == [
+        "500", "1e4", "3e4", "2.02e3"
+    ]  # fmt: skip

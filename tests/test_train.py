@@ -22,18 +22,16 @@ import imrnns_kernels as K
 from imrnns import IMRNN
 from imrnns.data import BeirDataset, load_beir, scifact_path
 from imrnns.evaluate import EmbeddedSplit, evaluate_embeddings
-from imrnns.train import (
+from imrnns.training import (
     TrainConfig,
-    _batch_candidates,
-    _ce_loss,
-    _distill,
-    _loss,
     parse_overrides,
     prepare_training_data,
     split_validation,
     train,
     train_from_beir,
 )
+from imrnns.training.batches import _batch_candidates
+from imrnns.training.losses import _ce_loss, _distill, _loss
 
 pytestmark = pytest.mark.usefixtures("cpu_backend_one_thread")
 
@@ -398,7 +396,7 @@ def test_weight_average_is_what_best_holds(tmp_path: Path, small_split: Embedded
 
 
 def test_overall_if_unseen_selection_prefers_epochs_at_base_unseen_level() -> None:
-    from imrnns.train import _selection_value
+    from imrnns.training.validation import _selection_value
 
     base = {"overall_nDCG@10": 0.6, "seen_doc_nDCG@10": 0.6, "unseen_doc_nDCG@10": 0.6}
 

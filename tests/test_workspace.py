@@ -14,9 +14,9 @@ import imrnns_kernels as K
 from imrnns import IMRNN, IMRNNConfig, IMRNNIndex
 from imrnns.cli import workspace_bytes_arg
 from imrnns_kernels import reference as R
-from imrnns_kernels.cpu import modulated_topk as cpu_topk
-from imrnns_kernels.ops import modulated_topk as triton_topk
-from tests._scoring_inputs import scoring_inputs
+from imrnns_kernels.scoring import cpu as cpu_topk
+from imrnns_kernels.scoring import triton as triton_topk
+from imrnns_kernels.testing import scoring_inputs
 
 MIB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""Command line: ``imrnns encode | search | evaluate | train | explain | bench | demo`` (also ``python -m imrnns``).
+"""Command line: ``imrnns encode | search | evaluate | train | explain | demo`` (also ``python -m imrnns``).
 
 Every command has ``--help``; ``--json`` prints one machine-readable JSON object on stdout
 (progress bars and logs go to stderr).
@@ -126,9 +126,9 @@ def workspace_bytes_arg(value: str) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     if getattr(args, "distributed", False):
-        from imrnns.distributed import run_distributed_search
+        from imrnns.cli.distributed import run_distributed_search
 
-        return run_distributed_search(args)
+        return run_distributed_search(args, encoder=_encoder, emit=_emit)
     enc = _encoder(args.encoder, args.cache, args.json)
     index = _build_index(args, enc)
     # One-off query texts: caching each distinct list would litter the cache.
@@ -182,7 +182,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imrnns.train import parse_overrides, train_from_beir
+    from imrnns.training import parse_overrides, train_from_beir
 
     overrides = parse_overrides(args.set)
     # The named options win over the same key in --set only when given.
@@ -290,13 +290,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- bench
-def cmd_bench(args: argparse.Namespace) -> int:
-    from imrnns.bench import run_from_args
-
-    return run_from_args(args)
-
-
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from imrnns.data import scifact_path
@@ -359,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32"
     )
-    from imrnns.distributed import add_distributed_arguments
+    from imrnns.cli.distributed import add_distributed_arguments
 
     add_distributed_arguments(sp)
     sp.set_defaults(func=cmd_search)
@@ -424,14 +417,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", default=None, help="adapter (default: the shipped one)")
     sp.add_argument("--feedback-k", type=int, default=100)
     sp.set_defaults(func=cmd_demo)
-
-    from imrnns.bench import add_arguments as add_bench_arguments
-
-    sp = sub.add_parser(
-        "bench", help="latency scaling sweep of every provider: JSON, Markdown table, plot"
-    )
-    add_bench_arguments(sp)
-    sp.set_defaults(func=cmd_bench)
     return p
 
 
@@ -444,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 def guarded(run: Callable[[], int], prog: str) -> int:
     """Run a command; bad input (ValueError, TypeError, OSError: a missing file, an output
     path that is a directory or not writable) is one error line and exit status 2, not a
-    traceback. Also the entry of ``python -m imrnns.train`` / ``imrnns.evaluate``."""
+    traceback. Also the entry of ``python -m imrnns.cli.train`` / ``imrnns.cli.evaluate``."""
     try:
         return int(run())
     except (ValueError, TypeError, OSError) as exc:

@@ -1,0 +1,142 @@
+"""``imrnns search --distributed``: sharded search under torchrun, on every rank.
+
+The flags (:func:`add_distributed_arguments`) and the command (:func:`run_distributed_search`)
+over :class:`imrnns.index.distributed.DistributedIMRNNIndex`; tested by
+tests/test_distributed.py (``test_cli_search_distributed_under_torchrun``) and
+tests/test_bad_input.py. Launch::
+
+    torchrun --nproc-per-node 4 -m imrnns search --distributed --index DIR "query text"
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+
+from imrnns.data import load_beir
+from imrnns.index.distributed import (
+    EXCHANGES,
+    DistributedIMRNNIndex,
+    init_from_env,
+    shard_bounds,
+)
+from imrnns.model import IMRNN
+from imrnns.pretrained import default_adapter
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``imrnns search`` flags for sharded search under torchrun."""
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="shard the index over the processes of a torchrun launch (torch.distributed)",
+    )
+    parser.add_argument(
+        "--dist-backend",
+        choices=("auto", "nccl", "gloo"),
+        default="auto",
+        help="process-group backend (auto: NCCL with GPUs, else gloo)",
+    )
+    parser.add_argument(
+        "--exchange",
+        choices=EXCHANGES,
+        default="rows",
+        help="feedback exchange: rows (bit-exact, default) or partial (less traffic)",
+    )
+
+
+def run_distributed_search(
+    args: argparse.Namespace,
+    *,
+    encoder: Callable[..., Any],
+    emit: Callable[[dict[str, Any], bool, str], None],
+) -> int:
+    """``imrnns search --distributed``: every torchrun rank runs this; rank 0 prints.
+
+    With ``--index`` each rank loads its block of a saved index; otherwise each rank encodes
+    its block of the corpus (``--data``) and the shards are added in rank order.
+
+    Args:
+        args: the parsed ``imrnns search`` arguments (with :func:`add_distributed_arguments`).
+        encoder: the command line's encoder factory, ``(name, cache, quiet=...) -> Encoder``.
+        emit: the command line's printer, ``(payload, as_json, text)``. Both come from
+            :mod:`imrnns.cli`, which imports this module: passed in, not imported back.
+    """
+    if getattr(args, "save_index", None):
+        raise ValueError(
+            "--save-index cannot be combined with --distributed: build and save the index with "
+            "one process, then search it with --distributed --index DIR"
+        )
+    created = not (dist.is_available() and dist.is_initialized())
+    rank, world, device = init_from_env(getattr(args, "dist_backend", "auto"))
+    try:
+        enc = encoder(args.encoder, args.cache, quiet=bool(args.json) or rank != 0)
+        exchange = getattr(args, "exchange", "rows")
+        if args.index:
+            index = DistributedIMRNNIndex.load(args.index, device=device, exchange=exchange)
+        else:
+            data = load_beir(args.data, args.split)
+            model = IMRNN.from_pretrained(args.checkpoint or default_adapter())
+            index = DistributedIMRNNIndex(
+                model,
+                feedback_k=args.feedback_k,
+                first_stage=args.first_stage,
+                storage_dtype=args.storage_dtype,
+                encoder=enc.fingerprint,
+                device=device,
+                exchange=exchange,
+            )
+            lo, hi = shard_bounds(len(data.corpus_ids), world, rank)
+            rows = (
+                enc.encode_document(data.corpus_texts[lo:hi])
+                if hi > lo
+                else np.zeros((0, model.config.input_dim), dtype=np.float32)
+            )
+            index.add_shard(rows, doc_ids=data.corpus_ids[lo:hi])
+        q = enc.encode_query(args.query, cache=False)
+        t0 = time.perf_counter()
+        scores, ids = index.search(
+            q,
+            k=args.k,
+            mode=args.mode,
+            encoder=enc.fingerprint,
+            workspace_bytes=getattr(args, "workspace_mb", None),
+        )
+        ms = (time.perf_counter() - t0) * 1e3
+        names = index.doc_names(ids)
+        if rank == 0:
+            results, lines = [], []
+            for b, (text, srow, irow) in enumerate(zip(args.query, scores, ids, strict=True)):
+                hits = [
+                    {
+                        "rank": r + 1,
+                        "id": int(i),
+                        "doc_id": names[b][r] if names else None,
+                        "score": float(s),
+                    }
+                    for r, (s, i) in enumerate(zip(srow, irow, strict=True))
+                    if i >= 0
+                ]
+                results.append({"query": text, "hits": hits})
+                lines.append(f"query: {text}")
+                lines += [
+                    f"  {h['rank']:>3}  {h['score']:+.4f}  {h['doc_id'] or h['id']}" for h in hits
+                ]
+            payload = {
+                "mode": args.mode,
+                "k": args.k,
+                "milliseconds": round(ms, 3),
+                "world_size": world,
+                "exchange": exchange,
+                "results": results,
+            }
+            emit(payload, args.json, "\n".join(lines))
+        return 0
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()

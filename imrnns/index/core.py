@@ -1,0 +1,766 @@
+"""IMRNNIndex: a faiss first stage plus the fused IMRNN stage, faiss-style API.
+
+Search for B queries, all batched (no per-query Python loop):
+
+1. First stage (faiss, :mod:`imrnns.index.first_stage`): the ``feedback_k`` nearest
+   documents by cosine of the base-encoder embeddings (``first_stage_space="base"``, the
+   official v0.2 evaluation) or of the projected ones (``"projected"``, the official v0.1
+   protocol); by default the one that matches the model's semantics. Flat (exact), IVF or HNSW.
+2. Query state: ``T_q = act(A_q(p(q)))``; the feedback set's document transforms are
+   averaged (fused ``adapter_reduce``, from per-document results cached at ``add`` time when
+   possible) and refine the query into ``q~``.
+3. ``mode="rerank"`` (official behaviour): the feedback set is scored with the fused
+   ``modulated_score`` and sorted. ``mode="exhaustive"``: every document is scored with the
+   streaming ``modulated_topk``, so documents outside the feedback set can enter the top-k.
+
+Results are ``(scores (B, k) float32, ids (B, k) int64)``, best first, ties broken by the
+lower id, padded with ``-inf`` / ``-1`` when fewer than k documents qualify; numpy in gives
+numpy out, torch in gives torch out. ``save``/``load`` write a directory atomically with a
+manifest of SHA-256 checksums (:mod:`imrnns.index.storage`), so a truncated or tampered index
+fails to load loudly.
+
+The sharded index (:mod:`imrnns.index.distributed`) holds one :class:`IMRNNIndex` per rank and
+uses its public methods plus the shared checks here (:func:`check_search_args`,
+:func:`as_float_tensor`, :func:`feedback_set`, :func:`topk_by_score_then_id`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+import imrnns_kernels
+from imrnns._atomic import resolve_directory
+from imrnns.checkpoints import load_pretrained
+from imrnns.index import first_stage as faiss_stage
+from imrnns.index import storage
+from imrnns.index.storage import IndexError_
+from imrnns.model import IMRNN
+from imrnns_kernels import _validation as checks
+from imrnns_kernels.dispatch import check_workspace_bytes
+
+MODES = ("rerank", "exhaustive")
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Rows projected per step in add(): bounds the temporary (rows x n) float32 copies.
+ADD_CHUNK = 65536
+# Queries per step in search(): bounds (B x feedback_k x m) gathers.
+SEARCH_CHUNK = 4096
+
+
+class QueryState(NamedTuple):
+    """The query side of a search: what :meth:`IMRNNIndex.search` scores documents with.
+
+    All torch tensors on the index's device; B queries, K = feedback_k (at most ntotal).
+
+    Attributes:
+        projected_queries: (B, m) ``p(q)``.
+        feedback_scores: (B, K) float32 first-stage scores, best first (meaningless where
+            the id is ``-1``).
+        feedback_ids: (B, K) int64 feedback set F(q), ties by lower id (``-1`` padding: IVF
+            and HNSW can return fewer than K hits).
+        feedback_weights: (B, K) weights of the feedback mean (zero on padding), or None for
+            the uniform mean over a full feedback set.
+        query_transform: (B, OUT) ``T_q``, which modulates every document.
+        document_transform: (B, OUT) ``T_bar``, the feedback set's aggregated transform.
+        modulated_queries: (B, m) ``q~``.
+    """
+
+    projected_queries: torch.Tensor
+    feedback_scores: torch.Tensor
+    feedback_ids: torch.Tensor
+    feedback_weights: torch.Tensor | None
+    query_transform: torch.Tensor
+    document_transform: torch.Tensor
+    modulated_queries: torch.Tensor
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}"
+            )
+        return dtype
+    for name, value in STORAGE_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype}")
+
+
+def as_float_tensor(x: Any, name: str) -> tuple[torch.Tensor, bool]:
+    """(``x`` as a float32 tensor on its own device, whether it was a numpy array).
+
+    Raises:
+        TypeError: ``x`` is neither a numpy array nor a torch tensor, or holds no floats.
+    """
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"{name} must hold floats, got numpy dtype {x.dtype} {x.shape}")
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), True
+    if isinstance(x, torch.Tensor):
+        checks.check_float(name, x)
+        return x.detach().float(), False
+    raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def check_queries(queries: Any, ntotal: int, input_dim: int) -> tuple[torch.Tensor, bool]:
+    """(float32 (B, n) tensor, was_numpy) for a search over ``ntotal`` documents, or raise."""
+    if ntotal == 0:
+        raise ValueError("the index is empty: add() documents before searching")
+    q, was_numpy = as_float_tensor(queries, "queries")
+    if q.dim() != 2 or q.shape[1] != input_dim:
+        raise ValueError(
+            f"queries must have shape (B, {input_dim}), got {tuple(q.shape)} ({q.dtype})"
+        )
+    checks.check_finite("queries", q)
+    return q, was_numpy
+
+
+def check_search_args(
+    queries: Any,
+    k: Any,
+    mode: Any,
+    feedback_k: Any,
+    default_feedback_k: int,
+    encoder: str | None,
+    index_encoder: str | None,
+    ntotal: int,
+    input_dim: int,
+) -> tuple[torch.Tensor, bool, int]:
+    """Every check of a ``search`` call, in order; shared by the single and sharded index.
+
+    Returns (queries as a float32 tensor, was_numpy, effective feedback_k <= ntotal).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    checks.check_k(k)
+    kf_req = default_feedback_k if feedback_k is None else feedback_k
+    if isinstance(kf_req, bool) or not isinstance(kf_req, int) or kf_req <= 0:
+        raise ValueError(f"feedback_k must be a positive int, got {kf_req!r}")
+    if encoder is not None and index_encoder is not None and encoder != index_encoder:
+        raise ValueError(
+            f"queries come from encoder {encoder!r} but this index was built with "
+            f"{index_encoder!r}: scores across encoders are meaningless"
+        )
+    q, was_numpy = check_queries(queries, ntotal, input_dim)
+    return q, was_numpy, min(kf_req, ntotal)
+
+
+class IMRNNIndex:
+    """A searchable corpus for one IMRNN adapter.
+
+    Args:
+        model: the adapter (its config decides modulation and aggregation).
+        feedback_k: size of each query's feedback set F(q) (official default 100).
+        first_stage: ``"flat"`` (exact inner product), ``"ivf"`` or ``"hnsw"`` (faiss).
+        storage_dtype: dtype of the projected corpus kept for the IMRNN stage (fp32/fp16/bf16).
+        first_stage_space: ``"base"`` (cosine of base embeddings, the official v0.2
+            evaluation), ``"projected"`` (``p(q) . p(d)``, the official v0.1 protocol: with it
+            the official SciFact v0.1 checkpoint reproduces its published nDCG@10 0.250), or
+            ``"auto"``: projected for ``transform_of_mean`` (v0.1) models, base otherwise.
+        cache_document_transforms: precompute each document's HyperNet result at ``add`` time
+            (it depends only on the document): ``(N, 2m)`` for diagonal, the ``(N, 64)``
+            hidden states for affine. Costs that memory, saves the MLP per query.
+        nlist, nprobe: IVF parameters (nlist default: about 4 sqrt(N), at most N, at first add).
+        hnsw_m, ef_search: HNSW parameters.
+        device: where the projected corpus and the model live (default: the model's device).
+        encoder: a fingerprint naming the encoder the embeddings come from; ``search`` and
+            ``load`` can check it so an index is never queried with another encoder.
+    """
+
+    def __init__(
+        self,
+        model: IMRNN,
+        feedback_k: int = 100,
+        first_stage: str = "flat",
+        storage_dtype: torch.dtype | str = torch.float32,
+        *,
+        first_stage_space: str = "auto",
+        cache_document_transforms: bool = True,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        hnsw_m: int = 32,
+        ef_search: int = 128,
+        device: str | torch.device | None = None,
+        encoder: str | None = None,
+    ) -> None:
+        if not isinstance(model, IMRNN):
+            raise TypeError(f"model must be an IMRNN, got {type(model).__name__}")
+        if isinstance(feedback_k, bool) or not isinstance(feedback_k, int) or feedback_k <= 0:
+            raise ValueError(f"feedback_k must be a positive int, got {feedback_k!r}")
+        if first_stage not in faiss_stage.FIRST_STAGES:
+            raise ValueError(
+                f"first_stage must be one of {faiss_stage.FIRST_STAGES}, got {first_stage!r}"
+            )
+        if first_stage_space not in faiss_stage.SPACES:
+            raise ValueError(
+                f"first_stage_space must be one of {faiss_stage.SPACES}, got {first_stage_space!r}"
+            )
+        faiss_stage.check_parameters(nlist, nprobe, hnsw_m, ef_search)
+        self.model = model.eval()
+        self.device = torch.device(device) if device is not None else model.device
+        self.model.to(self.device)
+        self.feedback_k = feedback_k
+        self.first_stage = first_stage
+        self.storage_dtype = STORAGE_DTYPES[_dtype_name(storage_dtype)]
+        if first_stage_space == "auto":
+            v01 = model.config.aggregation == "transform_of_mean"
+            first_stage_space = "projected" if v01 else "base"
+        self.first_stage_space = first_stage_space
+        self.cache_document_transforms = cache_document_transforms
+        self.nlist, self.nprobe = nlist, nprobe
+        self.hnsw_m, self.ef_search = hnsw_m, ef_search
+        self.encoder = encoder
+        cfg = model.config
+        self._corpus = torch.empty(0, cfg.working_dim, dtype=self.storage_dtype, device=self.device)
+        self._doc_cache: torch.Tensor | None = None
+        self._faiss: Any = None
+        # Optional external document ids (e.g. BEIR corpus ids), parallel to positions.
+        self.doc_ids: list[str] | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def ntotal(self) -> int:
+        """Number of documents in the index."""
+        return int(self._corpus.shape[0])
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def __repr__(self) -> str:
+        return (
+            f"IMRNNIndex(ntotal={self.ntotal}, feedback_k={self.feedback_k}, "
+            f"first_stage={self.first_stage!r}, space={self.first_stage_space!r}, "
+            f"storage={_dtype_name(self.storage_dtype)}, modulation={self.model.config.modulation!r})"
+        )
+
+    @property
+    def projected_corpus(self) -> torch.Tensor:
+        """(N, m) projected documents in the storage dtype."""
+        return self._corpus
+
+    @property
+    def document_cache(self) -> torch.Tensor | None:
+        """(N, width) per-document HyperNet results kept at ``add`` time, or None."""
+        return self._doc_cache
+
+    @property
+    def _uses_cache(self) -> bool:
+        return (
+            self.cache_document_transforms and self.model.config.aggregation == "mean_of_transforms"
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's keyword arguments that rebuild this index (as saved)."""
+        return {
+            "feedback_k": self.feedback_k,
+            "first_stage": self.first_stage,
+            "storage_dtype": _dtype_name(self.storage_dtype),
+            "first_stage_space": self.first_stage_space,
+            "cache_document_transforms": self.cache_document_transforms,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "hnsw_m": self.hnsw_m,
+            "ef_search": self.ef_search,
+            "encoder": self.encoder,
+        }
+
+    # ------------------------------------------------------------------ building
+    def _new_first_stage(self, train: np.ndarray) -> Any:
+        """An empty faiss index of this index's kind (IVF trained on ``train``), on its device."""
+        if self.first_stage == "ivf":
+            self.check_first_add(len(train))
+            self.nlist = self.nlist or faiss_stage.auto_nlist(len(train))
+        index = faiss_stage.build(
+            self.first_stage,
+            train,
+            nlist=self.nlist,
+            nprobe=self.nprobe,
+            hnsw_m=self.hnsw_m,
+            ef_search=self.ef_search,
+        )
+        return faiss_stage.to_gpu(index, self.device)
+
+    def check_first_add(self, rows: int) -> None:
+        """Raise ValueError if a first ``add`` of ``rows`` documents cannot build the first stage.
+
+        An explicit IVF ``nlist`` needs at least that many documents to train on; the default
+        (about 4 sqrt(N), at most N) always fits. Changes nothing, so a caller that adds in
+        several places (each rank of a sharded index) can check them all first.
+        """
+        if self._faiss is None and self.first_stage == "ivf" and self.nlist and rows < self.nlist:
+            raise ValueError(
+                f"an IVF first stage with nlist={self.nlist} needs at least {self.nlist} "
+                f"documents in the first add(), got {rows}"
+            )
+
+    @torch.no_grad()
+    def add(
+        self, embeddings: np.ndarray | torch.Tensor, doc_ids: list[str] | None = None
+    ) -> np.ndarray | torch.Tensor:
+        """Add (N, n) base-encoder document embeddings; return their ids (same type as given).
+
+        Ids are consecutive positions: the first document ever added is 0. ``doc_ids``
+        optionally names the documents (kept in :attr:`doc_ids`, saved with the index);
+        give them on every add or on none.
+        """
+        x, was_numpy = as_float_tensor(embeddings, "embeddings")
+        cfg = self.model.config
+        if doc_ids is not None:
+            if (
+                isinstance(doc_ids, str)
+                or len(doc_ids) != x.shape[0]
+                or not all(isinstance(d, str) for d in doc_ids)
+            ):
+                raise ValueError(f"doc_ids must be {x.shape[0]} strings, one per embedding row")
+        if (doc_ids is None) != (self.doc_ids is None) and self.ntotal > 0:
+            raise ValueError("doc_ids must be given on every add() or on none")
+        if x.dim() != 2 or x.shape[1] != cfg.input_dim:
+            raise ValueError(
+                f"embeddings must have shape (N, {cfg.input_dim}), got {tuple(x.shape)} ({x.dtype})"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("embeddings is empty: nothing to add")
+        checks.check_finite("embeddings", x)
+        self.check_first_add(x.shape[0])
+        start = self.ntotal
+        projected, space = [], []
+        for lo in range(0, x.shape[0], ADD_CHUNK):
+            chunk = x[lo : lo + ADD_CHUNK].to(self.device)
+            p = self.model.project(chunk)
+            projected.append(p.to(self.storage_dtype))
+            if self.first_stage_space == "base":
+                space.append(torch.nn.functional.normalize(chunk, dim=1).cpu())
+            else:
+                space.append(p.float().cpu())
+        new_rows = torch.cat(projected)
+        fs = np.ascontiguousarray(torch.cat(space).numpy(), dtype=np.float32)
+        if self._faiss is None:
+            self._faiss = self._new_first_stage(fs)
+        self._faiss.add(fs)
+        if self._uses_cache:
+            cache = imrnns_kernels.document_transforms(
+                new_rows, self.model.doc_hypernet.weights(), cfg.modulation
+            )
+            self._doc_cache = (
+                cache if self._doc_cache is None else torch.cat([self._doc_cache, cache])
+            )
+        self._corpus = torch.cat([self._corpus, new_rows])
+        if doc_ids is not None:
+            self.doc_ids = (self.doc_ids or []) + list(doc_ids)
+        ids = torch.arange(start, self.ntotal, dtype=torch.int64)
+        return ids.numpy() if was_numpy else ids
+
+    @classmethod
+    def from_parts(
+        cls,
+        model: IMRNN,
+        projected: torch.Tensor,
+        first_stage_vectors: np.ndarray,
+        *,
+        document_cache: torch.Tensor | None = None,
+        doc_ids: list[str] | None = None,
+        **settings: Any,
+    ) -> IMRNNIndex:
+        """An index from stored pieces instead of base embeddings (shards, loads, merges).
+
+        Args:
+            model: the adapter the pieces were computed with.
+            projected: (N, m) projected documents (converted to the storage dtype).
+            first_stage_vectors: (N, d) float32 vectors of the first stage, as
+                :meth:`first_stage_vectors` returns them (a new faiss index is built).
+            document_cache: (N, width) per-document cache, as :attr:`document_cache`.
+            doc_ids: N names, or None.
+            **settings: the constructor's arguments (as :meth:`settings` returns them).
+
+        N may be 0: an empty index (a shard that holds nothing).
+        """
+        index = cls(model, **settings)
+        n = int(projected.shape[0])
+        if projected.dim() != 2 or projected.shape[1] != model.config.working_dim:
+            raise ValueError(
+                f"projected must be (N, {model.config.working_dim}), got {tuple(projected.shape)}"
+            )
+        vectors = np.ascontiguousarray(first_stage_vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != n:
+            raise ValueError(f"first_stage_vectors must be ({n}, d), got {vectors.shape}")
+        if document_cache is not None and document_cache.shape[0] != n:
+            raise ValueError(f"document_cache has {document_cache.shape[0]} rows for {n}")
+        if doc_ids is not None and len(doc_ids) != n:
+            raise ValueError(f"doc_ids has {len(doc_ids)} names for {n} documents")
+        index._corpus = projected.to(index.device, index.storage_dtype).contiguous()
+        index._doc_cache = (
+            None if document_cache is None else document_cache.to(index.device).contiguous()
+        )
+        if n > 0:
+            index._faiss = index._new_first_stage(vectors)
+            index._faiss.add(vectors)
+        index.doc_ids = None if doc_ids is None else list(doc_ids)
+        return index
+
+    def first_stage_vectors(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """(hi - lo, d) float32 vectors the first stage holds for documents ``lo .. hi - 1``."""
+        hi = self.ntotal if hi is None else hi
+        if not 0 <= lo <= hi <= self.ntotal:
+            raise ValueError(f"rows must satisfy 0 <= lo <= hi <= {self.ntotal}, got {lo}, {hi}")
+        return faiss_stage.reconstruct(self._faiss, lo, hi)
+
+    # ------------------------------------------------------------------ searching
+    def first_stage_topk(
+        self, queries: torch.Tensor, projected: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first stage's top-k for queries already checked (no validation here).
+
+        Args:
+            queries: (B, n) float32 base-encoder queries (as :func:`check_queries` returns).
+            projected: (B, m) their projections ``p(q)`` (read only when
+                ``first_stage_space="projected"``).
+            k: results per query, ``1 <= k <= ntotal``.
+
+        Returns:
+            (scores (B, k) float32, ids (B, k) int64) on the index's device, best first,
+            ties by the lower id, ``-1`` padding where IVF/HNSW find fewer than k.
+        """
+        if self.first_stage_space == "base":
+            space = torch.nn.functional.normalize(queries, dim=1)
+        else:
+            space = projected.float()
+        fs = np.ascontiguousarray(space.cpu().numpy(), dtype=np.float32)
+        scores, ids = faiss_stage.search_ties_by_lower_id(self._faiss, fs, k, self.ntotal)
+        return torch.from_numpy(scores).to(self.device), torch.from_numpy(ids).to(self.device)
+
+    @torch.no_grad()
+    def first_stage_search(
+        self, queries: np.ndarray | torch.Tensor, k: int
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
+        """The first stage alone (the base retriever when ``first_stage_space="base"``).
+
+        Returns faiss's (scores (B, k), ids (B, k)), ``-1`` padded, same type as ``queries``.
+        """
+        checks.check_k(k)
+        q, was_numpy = check_queries(queries, self.ntotal, self.model.config.input_dim)
+        q = q.to(self.device)
+        pq = self.model.project(q) if self.first_stage_space == "projected" else q
+        scores, ids = self.first_stage_topk(q, pq, k)
+        if was_numpy:
+            return scores.cpu().numpy(), ids.cpu().numpy()
+        return scores, ids
+
+    @torch.no_grad()
+    def query_state(
+        self,
+        queries: np.ndarray | torch.Tensor,
+        *,
+        feedback_k: int | None = None,
+        encoder: str | None = None,
+    ) -> QueryState:
+        """The query side of :meth:`search` for (B, n) base-encoder query embeddings.
+
+        The same first stage, feedback weights, ``T_q``, ``T_bar`` and ``q~`` that ``search``
+        scores with (computed by the same code, in the same blocks of ``SEARCH_CHUNK``
+        queries, so bit-identical), for explanations and inspection. Always torch tensors.
+
+        Args:
+            queries: (B, n) numpy array or torch tensor.
+            feedback_k: override the index's feedback set size (capped at ``ntotal``).
+            encoder: when given and the index records its encoder, they must match.
+        """
+        q, _, kf = self._checked(queries, 1, "rerank", feedback_k, encoder)
+        parts = [
+            self._query_state_chunk(q[lo : lo + SEARCH_CHUNK], kf)
+            for lo in range(0, max(q.shape[0], 1), SEARCH_CHUNK)  # B = 0: one empty block
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        weights = None
+        if any(p.feedback_weights is not None for p in parts):
+            # None is the uniform mean: as explicit weights, ones (blocks may differ).
+            weights = torch.cat(
+                [
+                    torch.ones_like(p.feedback_scores)
+                    if p.feedback_weights is None
+                    else p.feedback_weights
+                    for p in parts
+                ]
+            )
+        cat = {
+            name: torch.cat([getattr(p, name) for p in parts])
+            for name in QueryState._fields
+            if name != "feedback_weights"
+        }
+        return QueryState(feedback_weights=weights, **cat)
+
+    def _checked(
+        self, queries: Any, k: Any, mode: Any, feedback_k: Any, encoder: str | None
+    ) -> tuple[torch.Tensor, bool, int]:
+        """:func:`check_search_args` against this index: (queries, was numpy, feedback_k)."""
+        return check_search_args(
+            queries,
+            k,
+            mode,
+            feedback_k,
+            self.feedback_k,
+            encoder,
+            self.encoder,
+            self.ntotal,
+            self.model.config.input_dim,
+        )
+
+    def _query_state_chunk(self, q: torch.Tensor, kf: int) -> QueryState:
+        """:meth:`query_state` of one block of queries (the first half of a search)."""
+        q = q.to(self.device)
+        model = self.model
+        pq = model.project(q)
+        fs_scores, fs_ids = self.first_stage_topk(q, pq, kf)
+        _, safe_ids, weights = feedback_set(model, fs_scores, fs_ids)
+        tq, td, q_tilde = model.query_state(pq, self._corpus, safe_ids, weights, self._doc_cache)
+        return QueryState(pq, fs_scores, fs_ids, weights, tq, td, q_tilde)
+
+    @torch.no_grad()
+    def search(
+        self,
+        queries: np.ndarray | torch.Tensor,
+        k: int = 10,
+        mode: str = "rerank",
+        *,
+        feedback_k: int | None = None,
+        encoder: str | None = None,
+        workspace_bytes: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
+        """Top-k documents for (B, n) base-encoder query embeddings.
+
+        Args:
+            queries: (B, n) numpy array or torch tensor.
+            k: results per query. In rerank mode at most ``feedback_k`` are real; the rest
+                are padding (score ``-inf``, id ``-1``), as with k > N in exhaustive mode.
+            mode: ``"rerank"`` (score the feedback set) or ``"exhaustive"`` (score all).
+            feedback_k: override the index's feedback set size for this call.
+            encoder: when given and the index records its encoder, they must match.
+            workspace_bytes: bound, in bytes, on the extra memory of the exhaustive scan
+                (``imrnns_kernels.modulated_topk``: chunk buffers of all worker threads,
+                top-k states, query-side tensors). The query state of each block of up to
+                ``SEARCH_CHUNK`` queries (first-stage results, feedback rows: O(B x
+                feedback_k x m)) comes on top. Ignored in rerank mode. None: the default.
+
+        Returns:
+            (scores (B, k) float32, ids (B, k) int64), same container type as ``queries``.
+        """
+        check_workspace_bytes(workspace_bytes)
+        q, was_numpy, kf = self._checked(queries, k, mode, feedback_k, encoder)
+        outs = [
+            self._search_chunk(q[lo : lo + SEARCH_CHUNK], k, mode, kf, workspace_bytes)
+            for lo in range(0, q.shape[0], SEARCH_CHUNK)
+        ]
+        scores = torch.cat([o[0] for o in outs]) if outs else torch.empty(0, k)
+        ids = torch.cat([o[1] for o in outs]) if outs else torch.empty(0, k, dtype=torch.int64)
+        if was_numpy:
+            return scores.cpu().numpy(), ids.cpu().numpy()
+        return scores, ids
+
+    def _search_chunk(
+        self, q: torch.Tensor, k: int, mode: str, kf: int, workspace_bytes: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        state = self._query_state_chunk(q, kf)
+        fs_ids, tq, q_tilde = state.feedback_ids, state.query_transform, state.modulated_queries
+        valid = fs_ids >= 0
+        safe_ids = torch.where(valid, fs_ids, torch.zeros_like(fs_ids))
+        if mode == "exhaustive":
+            return imrnns_kernels.modulated_topk(
+                self._corpus,
+                tq,
+                model.doc_norm.weight,
+                model.doc_norm.bias,
+                q_tilde,
+                k,
+                model.config.modulation,
+                model.config.layer_norm_eps,
+                workspace_bytes=workspace_bytes,
+            )
+        scores = model.score_ids(self._corpus, safe_ids, tq, q_tilde)
+        scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
+        return topk_by_score_then_id(scores, torch.where(valid, fs_ids, -1), k)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write the index to ``directory`` atomically (temporary directory, then rename).
+
+        Layout (:mod:`imrnns.index.storage`): ``manifest.json`` (config, sizes, SHA-256 of
+        every file), ``adapter/`` (the model, as :meth:`IMRNN.save_pretrained`),
+        ``corpus.safetensors`` (projected corpus, per-document cache), ``first_stage.faiss``.
+        A failure at any point leaves the previous content of ``directory`` intact.
+        ``directory`` must be new, empty, or an index saved before (it is replaced as a
+        whole): a directory of other files raises ValueError.
+        """
+        directory = Path(directory)
+        if self._faiss is None:
+            raise ValueError("the index is empty: nothing to save")
+        storage.write_index(
+            directory,
+            self.model,
+            self._corpus,
+            self._doc_cache,
+            self._faiss,
+            self.doc_ids,
+            self.settings(),
+        )
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        verify: bool = True,
+        rows: tuple[int, int] | None = None,
+    ) -> IMRNNIndex:
+        """Load an index written by :meth:`save` (or ``DistributedIMRNNIndex.save``).
+
+        Args:
+            directory: the index directory.
+            device: where to place the corpus and model (default CPU).
+            verify: check every file's size and SHA-256 against the manifest (recommended;
+                costs one read of the files).
+            rows: ``(lo, hi)``: load only documents ``lo .. hi - 1`` (a shard): the projected
+                corpus and the cache are read by slice, a flat first stage through a memory
+                map, so the other rows are never held. Ids in the result are positions in
+                the slice (0 .. hi - lo - 1). IVF/HNSW first stages are read whole once and
+                rebuilt over the slice (approximate: not equal to the saved one).
+
+        Raises:
+            FileNotFoundError: the directory or a file it lists is missing.
+            ValueError: a file is truncated or modified, or the pieces disagree.
+        """
+        directory = resolve_directory(directory)
+        manifest = storage.read_manifest(directory, verify)
+        model = load_pretrained(directory / "adapter")
+        if rows is not None:
+            return cls._load_rows(directory, manifest, model, rows, device)
+        n = manifest["ntotal"]
+        index = cls._with_saved_settings(directory, model, manifest["index"], device or "cpu")
+        corpus, cache = storage.read_corpus(directory, n, model.config.working_dim)
+        index._corpus = corpus.to(index.device, index.storage_dtype)
+        index._doc_cache = None if cache is None else cache.to(index.device)
+        index._faiss = faiss_stage.to_gpu(storage.read_first_stage(directory, n), index.device)
+        if "doc_ids.json" in manifest["files"]:
+            index.doc_ids = storage.read_doc_ids(directory, n)
+        if index.first_stage == "ivf":
+            faiss_stage.set_nprobe(index._faiss, index.nprobe)
+        return index
+
+    @classmethod
+    def _with_saved_settings(
+        cls, directory: Path, model: IMRNN, cfg: dict[str, Any], device: str | torch.device
+    ) -> IMRNNIndex:
+        """An empty index with a manifest's settings, or IndexError_ naming the manifest."""
+        try:
+            return cls(model, device=device, **cfg)
+        except (TypeError, ValueError) as exc:
+            raise IndexError_(
+                f"{directory / 'manifest.json'}: invalid index settings ({exc})"
+            ) from exc
+
+    @classmethod
+    def _load_rows(
+        cls,
+        directory: Path,
+        manifest: dict[str, Any],
+        model: IMRNN,
+        rows: tuple[int, int],
+        device: str | torch.device | None,
+    ) -> IMRNNIndex:
+        """:meth:`load` of rows ``[lo, hi)`` (files already checked against the manifest)."""
+        n = int(manifest["ntotal"])
+        if (
+            not isinstance(rows, tuple | list)
+            or len(rows) != 2
+            or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
+            or not 0 <= rows[0] <= rows[1] <= n
+        ):
+            raise ValueError(f"rows must be (lo, hi) with 0 <= lo <= hi <= {n}, got {rows!r}")
+        lo, hi = int(rows[0]), int(rows[1])
+        cfg = faiss_stage.settings_for_rows(manifest["index"], hi - lo)
+        cls._with_saved_settings(directory, model, cfg, "cpu")  # checked before any work
+        corpus, cache = storage.read_corpus_rows(directory, lo, hi, model.config.working_dim)
+        saved = storage.read_first_stage(directory, n, mmap=cfg.get("first_stage") == "flat")
+        vectors = faiss_stage.reconstruct(saved, lo, hi)
+        del saved
+        names = None
+        if "doc_ids.json" in manifest["files"]:
+            names = storage.read_doc_ids(directory, n)[lo:hi]
+        return cls.from_parts(
+            model,
+            corpus,
+            vectors,
+            document_cache=cache,
+            doc_ids=names,
+            device=device or "cpu",
+            **cfg,
+        )
+
+
+def feedback_set(
+    model: IMRNN, fs_scores: torch.Tensor, fs_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(valid (B, K) bool, ids with padding replaced by 0, feedback weights or None).
+
+    IVF/HNSW first stages can return fewer than K hits (faiss pads with id -1): padded slots
+    get weight 0 (or the model's weights masked), so the feedback mean ignores them.
+
+    Raises:
+        ValueError: some query got no document at all.
+    """
+    valid = fs_ids >= 0
+    safe_ids = torch.where(valid, fs_ids, torch.zeros_like(fs_ids))
+    weights = model.feedback_weights(
+        torch.where(valid, fs_scores, torch.full_like(fs_scores, -1e4))
+    )
+    if not bool(valid.all()):
+        if not bool(valid.any(dim=1).all()):
+            raise ValueError("the first stage returned no documents for some queries")
+        mask = valid.to(torch.float32)
+        weights = mask if weights is None else weights * mask
+    return valid, safe_ids, weights
+
+
+def topk_by_score_then_id(
+    scores: torch.Tensor, ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of (B, K) ``scores`` with ties broken by the lower id; pad with -inf / -1.
+
+    ``ids`` (B, K) int64 names each score's document (``-1``: padding, sorted last). Returns
+    (scores (B, k) float32, ids (B, k) int64); an id whose score is infinite becomes -1.
+    """
+    b, kk = scores.shape
+    # Order by id first, then a stable sort by score keeps equal scores in id order.
+    by_id = torch.argsort(
+        torch.where(ids < 0, torch.iinfo(torch.int64).max, ids), dim=1, stable=True
+    )
+    s, i = scores.gather(1, by_id), ids.gather(1, by_id)
+    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    s, i = s.gather(1, order), i.gather(1, order)
+    take = min(k, kk)
+    out_s = torch.full((b, k), float("-inf"), dtype=torch.float32, device=scores.device)
+    out_i = torch.full((b, k), -1, dtype=torch.int64, device=scores.device)
+    out_s[:, :take], out_i[:, :take] = s[:, :take], i[:, :take]
+    out_i[torch.isinf(out_s)] = -1
+    return out_s, out_i
+
+
+def shard_first_stage_over_gpus(index: IMRNNIndex) -> IMRNNIndex:
+    """Spread one process's faiss first stage over all local GPUs (faiss-gpu, ``shard=True``).
+
+    For one process driving several GPUs; with one rank per GPU (torchrun), each rank's
+    shard already moves to its own GPU when the index's device is CUDA. Only the guard is
+    tested (tests/test_distributed.py): the test machines have no GPU and no faiss-gpu.
+
+    Raises:
+        RuntimeError: faiss-gpu is not installed or sees fewer than two GPUs.
+        ValueError: the index is empty.
+    """
+    index._faiss = faiss_stage.to_all_gpus(index._faiss)
+    return index
