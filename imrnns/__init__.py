@@ -1,6 +1,6 @@
 """IMRNNs: interpretable dense retrieval by embedding modulation, fast.
 
-Public API (DESIGN.md section 3b)::
+Public API (README.md, docs/architecture.md)::
 
     from imrnns import IMRNN, IMRNNConfig, IMRNNIndex, Encoder, load_beir
 """

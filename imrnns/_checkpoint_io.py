@@ -13,6 +13,10 @@
 - A bare state dict with the same keys (semantics from the projector's shape, or given).
 
 ``.pt`` files are read with ``torch.load(..., weights_only=True)``: no pickled code runs.
+A directory's ``config.json`` is checked against its safetensors header (every key and shape,
+:func:`state_shapes`; no tensor read) before anything is loaded or built, so a config claiming
+huge dimensions allocates nothing. A save replaces a directory only when it is an earlier
+save of this format (:data:`CHECKPOINT_LAYOUT`, :func:`imrnns._atomic.check_replaceable`).
 """
 
 from __future__ import annotations
@@ -22,15 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from imrnns._atomic import (
-    atomic_directory,
-    check_replaceable,
-    read_format_json,
-    resolve_directory,
-)
+from imrnns._atomic import SaveLayout, atomic_directory, read_directory, read_format_json
 from imrnns.config import IMRNNConfig
 
 if TYPE_CHECKING:
@@ -44,6 +43,13 @@ OFFICIAL_V01_FORMAT = "imrnns-adapter-only-v1"
 OFFICIAL_V02_FORMAT = "imrnns-final-v1"
 LEGACY_PREFIXES = ("e5_projector.", "sbert_projector.")
 SEMANTICS = ("v0.1", "v0.2")
+CHECKPOINT_LAYOUT = SaveLayout(
+    kind="adapter checkpoint",
+    header=CONFIG_NAME,
+    format=FORMAT,
+    max_version=FORMAT_VERSION,
+    files=frozenset({CONFIG_NAME, WEIGHTS_NAME}),
+)
 
 
 class CheckpointError(ValueError):
@@ -55,14 +61,15 @@ def write_checkpoint(model: nn.Module, directory: str | Path) -> Path:
 
     The files are written to a temporary sibling directory that replaces ``directory`` only
     once both are complete: a crash mid-way leaves the previous checkpoint intact.
-    ``directory`` must be new, empty, or a checkpoint saved before (it is replaced as a
-    whole): a directory of other files raises ValueError.
+    ``directory`` must be new, empty, or an earlier checkpoint save (it is replaced as a
+    whole), recognised by content (:data:`CHECKPOINT_LAYOUT`: our ``config.json`` and
+    nothing but the two files): anything else, such as a Hugging Face model folder, raises
+    ValueError naming the files that would be lost, and nothing is written.
     """
     directory = Path(directory)
-    check_replaceable(directory, CONFIG_NAME)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, CHECKPOINT_LAYOUT) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata=meta)
         canonicalize_safetensors_header(tmp / WEIGHTS_NAME)
         payload = {
@@ -108,13 +115,15 @@ def read_checkpoint(
     """Read a checkpoint without building a model: ``(config, state dict, file read)``.
 
     ``path`` is a directory written by :func:`write_checkpoint` (an interrupted save is
-    recovered first) or an official ``.pt`` file; see the module docstring for the formats.
+    recovered first, and a save swapping in a new version meanwhile makes the read start
+    again: :func:`imrnns._atomic.read_directory`) or an official ``.pt`` file; see the
+    module docstring for the formats.
     """
     path = Path(path)
     if semantics is not None and semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     if path.is_dir() or (not path.exists() and path.suffix != ".pt"):
-        return _read_directory(resolve_directory(path))
+        return read_directory(path, _read_directory)
     if path.is_file():
         return _read_official(path, semantics)
     raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -130,6 +139,16 @@ def _read_directory(directory: Path) -> tuple[IMRNNConfig, dict[str, torch.Tenso
         config = IMRNNConfig.from_dict(payload["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{config_path}: invalid config ({exc})") from exc
+    try:
+        # The config's dimensions decide what building the model allocates: check them
+        # against the file's header (no tensor read) before anything is built or loaded.
+        with safe_open(str(weights_path), framework="pt") as fh:
+            shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{weights_path}: unreadable or truncated safetensors ({exc})"
+        ) from exc
+    check_shapes(shapes, state_shapes(config), weights_path)
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -206,19 +225,52 @@ def _infer_config(
     )
 
 
+def state_shapes(config: IMRNNConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict key and shape of every tensor of ``IMRNN(config)``, without building it.
+
+    With n = input_dim, m = working_dim, (h1, h2) = hidden_dims, OUT = transform_dim:
+    projector (m, n) + (m,); each HyperNet (h1, m) + (h1,), (h2, h1) + (h2,), (OUT, h2) +
+    (OUT,); each LayerNorm (m,) + (m,). tests/model/test_checkpoints.py checks it against
+    the model's own state dict.
+    """
+    n, m = config.input_dim, config.working_dim
+    (h1, h2), out = config.hidden_dims, config.transform_dim
+    shapes: dict[str, tuple[int, ...]] = {"projector.weight": (m, n), "projector.bias": (m,)}
+    for side in ("query", "doc"):
+        for layer, (rows, cols) in zip((0, 3, 6), ((h1, m), (h2, h1), (out, h2)), strict=True):
+            shapes[f"{side}_hypernet.hypernet.{layer}.weight"] = (rows, cols)
+            shapes[f"{side}_hypernet.hypernet.{layer}.bias"] = (rows,)
+        shapes[f"{side}_norm.weight"] = (m,)
+        shapes[f"{side}_norm.bias"] = (m,)
+    return shapes
+
+
+def check_shapes(
+    got: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], path: Path
+) -> None:
+    """Raise CheckpointError naming ``path`` unless ``got`` has exactly ``expected``'s keys
+    and shapes (``expected``: :func:`state_shapes` of the config, or the model's own)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+    for key, want in expected.items():
+        if tuple(got[key]) != tuple(want):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(got[key])}, expected {tuple(want)}"
+            )
+
+
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Copy ``state`` into ``model`` after checking keys, shapes, float dtypes and finiteness."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
-    for key, ref in expected.items():
+    check_shapes(
+        {k: tuple(v.shape) for k, v in state.items()},
+        {k: tuple(v.shape) for k, v in expected.items()},
+        path,
+    )
+    for key in expected:
         got = state[key]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-            )
         if not got.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key!r} has non-float dtype {got.dtype}")
         if not bool(torch.isfinite(got).all()):

@@ -36,7 +36,8 @@ class IMRNNConfig:
         feedback_temperature: temperature of the score weighting.
         hidden_dims: HyperNet hidden widths (official: 128, 64).
         dropout: dropout after each HyperNet ReLU, in training only (official v0.1: 0.1).
-        layer_norm_eps: epsilon of both LayerNorms (torch default 1e-5, as official).
+        layer_norm_eps: epsilon of both LayerNorms, finite and > 0 (torch default 1e-5, as
+            official): with 0 a constant row (zero variance) normalises to 0/0 = NaN.
     """
 
     input_dim: int = 384
@@ -72,8 +73,8 @@ class IMRNNConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 <= eps < math.inf:
-            raise ValueError(f"layer_norm_eps must be a finite float >= 0, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 < eps < math.inf:
+            raise ValueError(f"layer_norm_eps must be a finite float > 0, got {eps!r}")
 
     @property
     def working_dim(self) -> int:

@@ -17,7 +17,15 @@ import numpy as np
 import torch
 
 from imrnns.data import load_beir, scifact_path, seen_doc_split
-from imrnns.metrics import METRICS, evaluate_run, mean_metrics, paired_tests, run_from_results
+from imrnns.metrics import (
+    METRICS,
+    bootstrap_ci,
+    evaluate_run,
+    holm,
+    mean_metrics,
+    paired_tests,
+    run_from_results,
+)
 
 
 def _timed_search(index: Any, q: np.ndarray, k: int, mode: str) -> tuple[Any, float]:
@@ -29,7 +37,7 @@ def _timed_search(index: Any, q: np.ndarray, k: int, mode: str) -> tuple[Any, fl
 
 def run_demo(
     checkpoint: str | Path | None = None,
-    encoder: str = "minilm",
+    encoder: Any = "minilm",
     cache_dir: str | Path | None = None,
     feedback_k: int = 100,
     show_progress: bool = True,
@@ -74,14 +82,18 @@ def run_demo(
             "seconds": secs,
             "queries_per_second": len(test.query_ids) / secs,
         }
+    family = []  # the four tests printed form one family: Holm-adjusted together
     for name in ("imrnn_rerank", "imrnn_exhaustive"):
-        rows[name]["vs_base_nDCG@10"] = {
-            subset: paired_tests(
-                [per_query["base"][q]["nDCG@10"] for q in qids],
-                [per_query[name][q]["nDCG@10"] for q in qids],
-            )
-            for subset, qids in (("all", test.query_ids), ("unseen_doc", unseen))
-        }
+        rows[name]["vs_base_nDCG@10"] = {}
+        for subset, qids in (("all", test.query_ids), ("unseen_doc", unseen)):
+            a = [per_query["base"][q]["nDCG@10"] for q in qids]
+            b = [per_query[name][q]["nDCG@10"] for q in qids]
+            t = paired_tests(a, b)
+            t["ci_low"], t["ci_high"] = bootstrap_ci(a, b)
+            rows[name]["vs_base_nDCG@10"][subset] = t
+            family.append(t)
+    for t, adjusted in zip(family, holm([t["p_randomisation"] for t in family]), strict=True):
+        t["p_randomisation_holm"] = adjusted
 
     example = _example(test, per_query, runs, unseen)
     example["explanation"] = _explain_example(enc, index, test, queries, docs, example)
@@ -169,10 +181,17 @@ def _report(p: dict[str, Any]) -> str:
     for key in ("imrnn_rerank", "imrnn_exhaustive"):
         t = r[key]["vs_base_nDCG@10"]
         lines.append(
-            f"  {names[key]} vs base, nDCG@10: all {t['all']['delta']:+.4f} "
-            f"(p={t['all']['p_randomisation']:.3g}), unseen-doc {t['unseen_doc']['delta']:+.4f} "
-            f"(p={t['unseen_doc']['p_randomisation']:.3g}; paired randomisation test)"
+            f"  {names[key]} vs base, nDCG@10: "
+            + "; ".join(
+                f"{label} {t[s]['delta']:+.4f} [{t[s]['ci_low']:+.4f}, {t[s]['ci_high']:+.4f}] "
+                f"p={t[s]['p_randomisation']:.3g} (Holm {t[s]['p_randomisation_holm']:.3g})"
+                for label, s in (("all", "all"), ("unseen-doc", "unseen_doc"))
+            )
         )
+    lines.append(
+        "  (paired randomisation test, p raw and Holm-adjusted over these 4 tests; "
+        "95% paired bootstrap interval)"
+    )
     ex = p["example"]
     lines += ["", f"example (unseen-doc query {ex['query_id']}): {ex['query']}"]
     for label, key in (("base ", "base_top3"), ("IMRNN", "imrnn_top3")):
@@ -187,22 +206,18 @@ def _report(p: dict[str, Any]) -> str:
 def _explain_example(
     enc: Any, index: Any, test: Any, queries: np.ndarray, docs: np.ndarray, example: dict
 ) -> dict[str, Any]:
-    """Token-level explanation of the example query's IMRNN top-1 document (filtered
-    Moore-Penrose back-projection, the query's feedback set from the index)."""
-    from imrnns.explain import CorpusVocabulary, Explainer
+    """Which words of the example query and of its IMRNN top-1 document drive the adapter's
+    added score (the default word attribution, the query's feedback set from the index)."""
+    from imrnns.explain import WordExplainer
 
     row = test.query_ids.index(example["query_id"])
     doc_id = example["imrnn_top3"][0]["doc_id"]
     col = test.corpus_ids.index(doc_id)
-    vocab = CorpusVocabulary.from_texts(test.corpus_texts, enc.tokenizer)
-    explainer = Explainer(index.model, enc.token_embeddings(), enc.tokenizer, idf=vocab)
     t0 = time.perf_counter()
-    (ex,) = explainer.explain(
-        queries[row],
-        docs[col],
+    (ex,) = WordExplainer(index.model, enc).explain(
+        [test.query_texts[row]],
+        [test.corpus_texts[col]],
         top_k=5,
-        query_texts=[test.query_texts[row]],
-        doc_texts=[test.corpus_texts[col]],
         doc_ids=[doc_id],
         feedback=index,
     )
@@ -216,12 +231,19 @@ def _explanation_lines(e: dict[str, Any] | None) -> list[str]:
     def toks(items: list[dict[str, Any]]) -> str:
         return ", ".join(f"{t['token']} {t['score']:+.3f}" for t in items) or "(none)"
 
-    return [
+    lines = [
         f"  why IMRNN ranks [{e['document_id']}] first ({e['method']}; base "
-        f"{e['base_score']:+.3f} -> IMRNN {e['imrnn_score']:+.3f}; first call "
+        f"{e['base_score']:+.3f} -> IMRNN {e['imrnn_score']:+.3f}; "
         f"{e['seconds'] * 1e3:.0f} ms):",
-        f"    query modulation:    {toks(e['query_tokens'])}",
-        f"    document modulation: {toks(e['document_tokens'])}",
-        "    (cosine of each back-projected modulation with the token's embedding; "
-        "+ towards, - away)",
+        f"    query words:    {toks(e['query_tokens'])}",
+        f"    document words: {toks(e['document_tokens'])}",
+        f"    ({e['token_scores']}; + raises it, - lowers it)",
     ]
+    f = e.get("faithfulness")
+    if f:
+        lines.append(
+            f"    (faithfulness: deleting the method's top-5 document words lowers the added "
+            f"score by {f['added_drop_top5']:+.4f} on average; 5 random words "
+            f"{f['random_top5']:+.4f}, 5 highest-IDF words {f['idf_top5']:+.4f})"
+        )
+    return lines

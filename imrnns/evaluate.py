@@ -2,23 +2,32 @@
 
 Protocol (the numbers BEIR publishes):
 
-- Base encoder: exact cosine search (faiss flat inner product on L2-normalised embeddings),
-  top-100 per query.
+- Base encoder: exact cosine search (the index's flat first stage, inner product of
+  L2-normalised embeddings), top-100 per query.
 - IMRNN: :class:`imrnns.index.IMRNNIndex` with a flat first stage in the base-encoder space
   (the official protocol) and ``feedback_k`` feedback documents; ``mode="rerank"`` reorders
   the first stage's top ``feedback_k`` (official behaviour), ``mode="exhaustive"`` scores the
   whole corpus.
-- Metrics: nDCG@10, Recall@100 and MRR@10 per query through pytrec_eval
-  (:mod:`imrnns.metrics`), averaged over every judged query of the split.
+- Metrics: any measures ir-measures names (``nDCG@10 R@100 RR@10 P@5 AP ...``; default
+  BEIR's nDCG@10, Recall@100 and MRR@10), per query through ir-measures / pytrec_eval
+  (:mod:`imrnns.metrics`), averaged over every judged query of the split. Runs are searched
+  as deep as the largest cut-off (at least ``RUN_DEPTH``); ``ignore_identical_ids`` drops a
+  document whose id is the query's own, as BEIR's ``EvaluateRetrieval`` does.
 - Subsets: when the training split's qrels are given, queries are split into *seen-doc*
   (one of their relevant documents is also relevant to a training query) and *unseen-doc*
   queries (:func:`imrnns.data.seen_doc_split`). An adapter can raise the seen-doc numbers by
   learning which documents get cited; the unseen-doc numbers show what it learnt about
   queries. Both are reported beside the overall means.
-- Significance: each IMRNN mode against the base encoder, per subset and metric, with a
-  paired t-test and a paired randomisation test (:func:`imrnns.metrics.paired_tests`).
+- Significance: each system (IMRNN modes, external runs) against the reference (the base
+  encoder, or a given run), per subset and metric, with a paired t-test and a paired
+  randomisation test (:func:`imrnns.metrics.paired_tests`). All tests of one evaluation form
+  one family: each p-value is reported raw and Holm-adjusted (:func:`imrnns.metrics.holm`),
+  and a result is marked significant on the adjusted randomisation p. The overall difference
+  of each system and metric also gets a paired percentile bootstrap interval
+  (:func:`imrnns.metrics.bootstrap_ci`).
 
-Per-query results can be written to a TSV or JSON file for further tests.
+Per-query results can be written to a TSV or JSON file for further tests, and each computed
+system's ranking to a TREC run file; external TREC runs are scored the same way.
 """
 
 from __future__ import annotations
@@ -31,23 +40,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
 from imrnns._atomic import atomic_file
 from imrnns.data import BeirDataset, load_beir, seen_doc_split
-from imrnns.metrics import METRICS, evaluate_run, mean_metrics, paired_tests, run_from_results
+from imrnns.metrics import (
+    METRICS,
+    bootstrap_ci,
+    evaluate_run,
+    holm,
+    mean_metrics,
+    metric_depth,
+    paired_tests,
+    parse_metrics,
+    prepare_run,
+    read_trec_run,
+    run_from_results,
+    write_trec_run,
+)
 from imrnns.model import IMRNN
 
 __all__ = [
     "MODES",
     "EmbeddedSplit",
     "base_search",
+    "compare_runs",
     "embed_beir",
     "evaluate_beir",
     "evaluate_embeddings",
     "imrnn_search",
+    "run_out_paths",
     "write_per_query",
 ]
 
@@ -108,7 +131,9 @@ def embed_beir(
     Args:
         data: a BEIR folder, or an already loaded :class:`BeirDataset`.
         split: the qrels split (ignored when ``data`` is a dataset).
-        encoder: an :class:`imrnns.encoders.Encoder` or a name/folder for one.
+        encoder: a preset name or model folder, an :class:`imrnns.encoders.Encoder`, a
+            ``SentenceTransformer``, or a callable from a list of texts to an (N, n) array
+            (:func:`imrnns.encoders.resolve_encoder`).
         cache_dir: embedding cache folder (default: ``$IMRNNS_CACHE`` or the user cache);
             a second run re-encodes nothing.
         show_progress: progress bars while encoding.
@@ -119,7 +144,8 @@ def embed_beir(
     encoder = resolve_encoder(encoder, cache_dir, show_progress)
     corpus = encoder.encode_document(dataset.corpus_texts)
     queries = encoder.encode_query(dataset.query_texts)
-    return EmbeddedSplit(dataset, corpus, queries, encoder=encoder.fingerprint)
+    # A callable without a fingerprint names nothing checkable: record no encoder.
+    return EmbeddedSplit(dataset, corpus, queries, encoder=encoder.fingerprint or "")
 
 
 # ------------------------------------------------------------------------------ searching
@@ -134,17 +160,20 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def base_search(
     corpus: np.ndarray, queries: np.ndarray, k: int = RUN_DEPTH
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k of the base encoder: ((Q, k) scores, (Q, k) ids), best first.
+    """Exact cosine top-k of the base encoder: ((Q, min(k, N)) scores, ids), best first.
 
-    Exact ties go to the lower id (``imrnns.index.search_ties_by_lower_id``), the rule of
-    every ranking in this package: raw faiss keeps an arbitrary one of tied duplicates.
+    The index's exact flat first stage (:class:`imrnns.index.first_stage.FlatStage`: one
+    blocked GEMM and top-k in PyTorch, or faiss where that measures faster; no faiss needed),
+    so exact ties go to the lower id, the rule of every ranking in this package, at no extra
+    search (raw faiss keeps an arbitrary one of tied duplicates).
     """
-    from imrnns.index import search_ties_by_lower_id
+    from imrnns.index.first_stage import FlatStage, check_k
 
-    index = faiss.IndexFlatIP(corpus.shape[1])
-    index.add(_unit(corpus))
-    kk = min(k, corpus.shape[0])
-    return search_ties_by_lower_id(index, _unit(queries), kk, corpus.shape[0])
+    check_k(k)
+    stage = FlatStage(corpus.shape[1])
+    stage.add(_unit(corpus))
+    scores, ids = stage.search(torch.from_numpy(_unit(queries)), min(k, corpus.shape[0]))
+    return scores.numpy(), ids.numpy()
 
 
 def imrnn_search(
@@ -190,38 +219,189 @@ def _subsets(
 
 
 def _summary(
-    per_query: Mapping[str, Mapping[str, float]], subsets: Mapping[str, Sequence[str]]
+    per_query: Mapping[str, Mapping[str, float]],
+    subsets: Mapping[str, Sequence[str]],
+    metrics: Sequence[str] = METRICS,
 ) -> dict[str, Any]:
     """Overall means at the top level, each subset's means (and size) beneath."""
-    out: dict[str, Any] = dict(mean_metrics(per_query, subsets["overall"]))
+    out: dict[str, Any] = dict(mean_metrics(per_query, subsets["overall"], metrics))
     out["num_queries"] = len(subsets["overall"])
     for name, qids in subsets.items():
         if name != "overall":
-            out[name] = {**mean_metrics(per_query, qids), "num_queries": len(qids)}
+            out[name] = {**mean_metrics(per_query, qids, metrics), "num_queries": len(qids)}
     return out
 
 
 def _significance(
-    base: Mapping[str, Mapping[str, float]],
-    system: Mapping[str, Mapping[str, float]],
+    per_query: Mapping[str, Mapping[str, Mapping[str, float]]],
+    reference: str,
     subsets: Mapping[str, Sequence[str]],
+    metrics: Sequence[str],
+    *,
     permutations: int,
     seed: int,
-) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name, qids in subsets.items():
-        if len(qids) < 2:
+    bootstrap: int,
+    level: float,
+) -> tuple[dict[str, dict[str, dict[str, dict[str, float]]]], int]:
+    """Every system against ``reference``, per subset (>= 2 queries) and metric, as one family.
+
+    Returns ``({system: {subset: {metric: test}}}, family size)``; each test holds ``delta``,
+    ``t``, ``p_ttest``, ``p_randomisation``, their Holm-adjusted ``p_ttest_holm`` and
+    ``p_randomisation_holm`` over the whole family, and for the overall subset the bootstrap
+    interval ``ci_low``, ``ci_high`` of ``delta`` (when ``bootstrap`` > 0).
+    """
+    base = per_query[reference]
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    family: list[dict[str, float]] = []
+    for system, table in per_query.items():
+        if system == reference:
             continue
-        out[name] = {
-            m: paired_tests(
-                [base[q][m] for q in qids],
-                [system[q][m] for q in qids],
-                permutations=permutations,
-                seed=seed,
+        out[system] = {}
+        for name, qids in subsets.items():
+            if len(qids) < 2:
+                continue
+            out[system][name] = {}
+            for m in metrics:
+                a, b = [base[q][m] for q in qids], [table[q][m] for q in qids]
+                test = paired_tests(a, b, permutations=permutations, seed=seed)
+                if name == "overall" and bootstrap > 0:
+                    low, high = bootstrap_ci(a, b, resamples=bootstrap, level=level, seed=seed)
+                    test["ci_low"], test["ci_high"] = low, high
+                out[system][name][m] = test
+                family.append(test)
+    for key in ("p_ttest", "p_randomisation"):
+        for test, adjusted in zip(family, holm([t[key] for t in family]), strict=True):
+            test[f"{key}_holm"] = adjusted
+    return out, len(family)
+
+
+def run_out_paths(run_out: str | Path, systems: Sequence[str]) -> dict[str, Path]:
+    """Where each system's TREC run goes: ``{system}`` in ``run_out`` is replaced by the
+    system's name; without it, one system writes ``run_out`` itself and several write
+    ``<stem>.<system><suffix>`` beside it (``runs.trec`` -> ``runs.base.trec``,
+    ``runs.imrnn-rerank.trec``)."""
+    text = str(run_out)
+    if "{system}" in text:
+        paths = {s: Path(text.replace("{system}", s)) for s in systems}
+    elif len(systems) == 1:
+        paths = {systems[0]: Path(text)}
+    else:
+        path = Path(text)
+        suffix = "".join(path.suffixes[-1:]) if path.suffix else ""
+        stem = path.name[: len(path.name) - len(suffix)]
+        paths = {s: path.with_name(f"{stem}.{s}{suffix}") for s in systems}
+    for system, path in paths.items():
+        if path.is_dir():
+            raise ValueError(f"run file for {system} would replace the directory {path}")
+    if len({path.resolve() for path in paths.values()}) != len(paths):
+        raise ValueError(f"run_out {text!r} gives several systems the same file")
+    return paths
+
+
+def _check_tests(permutations: int, bootstrap: int, level: float, alpha: float) -> None:
+    """The statistics settings, checked before any search or encoding is spent."""
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations <= 0:
+        raise ValueError(f"permutations must be a positive int, got {permutations!r}")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ValueError(f"bootstrap must be a non-negative int (0: none), got {bootstrap!r}")
+    for name, value in (("level", level), ("alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+
+
+def _as_run(name: str, run: Any) -> dict[str, dict[str, float]]:
+    if isinstance(run, (str, Path)):
+        return read_trec_run(run)
+    if isinstance(run, Mapping):
+        return {str(q): dict(docs) for q, docs in run.items()}
+    raise TypeError(f"run {name!r} must be a TREC run path or a {{qid: {{doc: score}}}} dict")
+
+
+def compare_runs(
+    qrels: Mapping[str, Mapping[str, int]],
+    runs: Mapping[str, Any],
+    *,
+    reference: str | None = None,
+    metrics: str | Sequence[str] | None = None,
+    query_ids: Sequence[str] | None = None,
+    train_qrels: Mapping[str, Mapping[str, int]] | None = None,
+    ignore_identical_ids: bool = False,
+    permutations: int = 10000,
+    seed: int = 0,
+    bootstrap: int = 10000,
+    level: float = 0.95,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Score several runs on the same judged queries and test each against ``reference``.
+
+    Args:
+        qrels: the split's judgements ``{qid: {doc_id: grade}}``.
+        runs: ``{system name: run}``, each a ``{qid: {doc_id: score}}`` dict or a TREC run
+            file path (:func:`imrnns.metrics.read_trec_run`), scored as given (every line).
+        reference: the system the others are tested against (default: the first).
+        metrics: measure names (:func:`imrnns.metrics.parse_metrics`).
+        query_ids: the queries scored (default: every query of ``qrels``).
+        train_qrels: the training split's qrels, for the seen-doc / unseen-doc subsets.
+        ignore_identical_ids: drop each query's own id from every run (BEIR's option).
+        permutations, seed: of the randomisation test (and the bootstrap's seed).
+        bootstrap, level: resamples (0: none) and level of the overall intervals.
+        alpha: the level of the significance marker (on Holm-adjusted p).
+
+    Returns:
+        ``{"metrics", "reference", "systems": {name: summary}, "tests", "subsets",
+        "per_query"}``; each non-reference summary has ``"significance"`` (see
+        :func:`evaluate_embeddings`); ``"tests"`` describes the family (correction, size,
+        alpha, permutations, bootstrap).
+    """
+    _check_tests(permutations, bootstrap, level, alpha)
+    measures = parse_metrics(metrics)
+    names = list(measures)
+    if not runs:
+        raise ValueError("compare_runs needs at least one run")
+    reference = next(iter(runs)) if reference is None else reference
+    if reference not in runs:
+        raise ValueError(f"reference {reference!r} is not one of the runs {list(runs)}")
+    qids = list(qrels) if query_ids is None else list(query_ids)
+    if not qids:
+        raise ValueError("no judged queries to score")
+    loaded = {name: _as_run(name, run) for name, run in runs.items()}
+    for name, run in loaded.items():
+        if run and not any(q in run for q in qids):
+            raise ValueError(
+                f"run {name!r} has none of the {len(qids)} judged query ids "
+                f"(its first: {next(iter(run))!r}; the qrels' first: {qids[0]!r}): "
+                "a run of another split or dataset?"
             )
-            for m in METRICS
-        }
-    return out
+    judged = {q: qrels[q] for q in qids}
+    subsets = _subsets(qids, qrels, train_qrels)
+    per_query = {
+        name: evaluate_run(judged, run, measures, ignore_identical_ids=ignore_identical_ids)
+        for name, run in loaded.items()
+    }
+    systems = {name: _summary(table, subsets, names) for name, table in per_query.items()}
+    tests, size = _significance(
+        per_query, reference, subsets, names,
+        permutations=permutations, seed=seed, bootstrap=bootstrap, level=level,
+    )  # fmt: skip
+    for name, sig in tests.items():
+        systems[name]["significance"] = sig
+    return {
+        "metrics": names,
+        "reference": reference,
+        "ignore_identical_ids": ignore_identical_ids,
+        "systems": systems,
+        "tests": {
+            "correction": "holm",
+            "family_size": size,
+            "alpha": alpha,
+            "marker": "p_randomisation_holm",
+            "permutations": permutations,
+            "seed": seed,
+            "bootstrap": {"resamples": bootstrap, "level": level, "method": "paired percentile"},
+        },
+        "subsets": subsets,
+        "per_query": per_query,
+    }
 
 
 def evaluate_embeddings(
@@ -234,8 +414,17 @@ def evaluate_embeddings(
     permutations: int = 10000,
     seed: int = 0,
     query_ids: Sequence[str] | None = None,
+    metrics: str | Sequence[str] | None = None,
+    depth: int = RUN_DEPTH,
+    ignore_identical_ids: bool = False,
+    runs: Mapping[str, Any] | None = None,
+    reference: str = "base",
+    bootstrap: int = 10000,
+    level: float = 0.95,
+    alpha: float = 0.05,
+    run_out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the base encoder, and the adapter in each mode, on embedded data.
+    """Evaluate the base encoder, the adapter in each mode, and any external runs.
 
     Args:
         split: the embedded split to evaluate.
@@ -243,16 +432,34 @@ def evaluate_embeddings(
         modes: ``"rerank"``, ``"exhaustive"`` or both.
         feedback_k: feedback-set size (and rerank depth) of the IMRNN stage.
         train_qrels: the training split's qrels, to report seen-doc / unseen-doc subsets.
-        permutations, seed: of the randomisation test.
+        permutations, seed: of the randomisation test (the seed also seeds the bootstrap).
         query_ids: evaluate only these queries of the split (default: all).
+        metrics: measure names as ir-measures names them (``"nDCG@10 R@100 RR@10 AP"``);
+            each is reported under the name given. Default: ``nDCG@10``, ``Recall@100``,
+            ``MRR@10`` (BEIR's spellings of ir-measures' ``nDCG@10 R@100 RR@10``).
+        depth: documents retrieved per query, raised to the largest cut-off of ``metrics``
+            (measures without a cut-off, such as ``AP``, see this many).
+        ignore_identical_ids: drop a retrieved document whose id equals the query's id (BEIR's
+            ``EvaluateRetrieval`` option, for ArguAna and Quora); off by default. The search
+            then retrieves one more document, so each query still has ``depth``.
+        runs: external systems ``{name: TREC run path or run dict}``, scored as given.
+        reference: the system every other is tested against: ``"base"`` or a name in ``runs``.
+        bootstrap, level: resamples (0: none) and level of the overall difference intervals.
+        alpha: significance level of the marker (on the Holm-adjusted randomisation p).
+        run_out: write each computed system's ranking (base, imrnn-<mode>) as a TREC run
+            there (see :func:`run_out_paths`); the files score exactly as reported.
 
     Returns:
         A plain dict (JSON-serialisable) with ``"base"`` and ``"imrnn"`` (``{mode: ...}``)
-        summaries: overall ``nDCG@10``, ``Recall@100``, ``MRR@10`` at the top level, the
-        same per subset under ``"seen_doc"`` / ``"unseen_doc"``, and for each mode
-        ``"significance"``: ``{subset: {metric: {delta, t, p_ttest, p_randomisation}}}``.
-        ``"per_query"`` holds ``{system: {query_id: {metric: value}}}`` (systems ``base``,
-        ``imrnn-rerank``, ``imrnn-exhaustive``) and ``"subsets"`` the query ids of each subset.
+        summaries: overall means of each metric at the top level, the same per subset under
+        ``"seen_doc"`` / ``"unseen_doc"``, and for each system other than the reference
+        ``"significance"``: ``{subset: {metric: {delta, t, p_ttest, p_randomisation,
+        p_ttest_holm, p_randomisation_holm[, ci_low, ci_high]}}}`` (the interval for the
+        overall subset). ``"runs"`` holds external systems' summaries; ``"metrics"``,
+        ``"reference"`` and ``"tests"`` (the family's correction and settings) describe the
+        comparison. ``"per_query"`` holds ``{system: {query_id: {metric: value}}}`` (systems
+        ``base``, ``imrnn-rerank``, ``imrnn-exhaustive``, and the external names) and
+        ``"subsets"`` the query ids of each subset.
     """
     modes = (modes,) if isinstance(modes, str) else tuple(modes)
     bad = [m for m in modes if m not in MODES]
@@ -260,6 +467,16 @@ def evaluate_embeddings(
         raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes!r}")
     if isinstance(feedback_k, bool) or not isinstance(feedback_k, int) or feedback_k <= 0:
         raise ValueError(f"feedback_k must be a positive int, got {feedback_k!r}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth <= 0:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    _check_tests(permutations, bootstrap, level, alpha)
+    measures = parse_metrics(metrics)
+    runs = dict(runs or {})
+    clash = [name for name in runs if name == "base" or name.startswith("imrnn-")]
+    if clash:
+        raise ValueError(f"external run names must not be base or imrnn-<mode>: {clash}")
+    if reference != "base" and reference not in runs:
+        raise ValueError(f"reference must be 'base' or one of the runs {list(runs)}")
     ds = split.dataset
     rows = np.arange(ds.num_queries)
     qids = list(ds.query_ids)
@@ -276,13 +493,29 @@ def evaluate_embeddings(
         rows = np.array([pos[q] for q in qids], dtype=np.int64)
     if not qids:
         raise ValueError(f"the {ds.split} split of {ds.name} has no judged queries")
+    paths = None
+    if run_out is not None:
+        systems = ["base", *(f"imrnn-{m}" for m in modes)] if model is not None else ["base"]
+        paths = run_out_paths(run_out, systems)  # checked before any search
     queries = split.queries[rows]
-    subsets = _subsets(qids, ds.qrels, train_qrels)
-    qrels = {q: ds.qrels[q] for q in qids}
+    depth = metric_depth(measures, depth)
+    # One more when the query's own id may be dropped, so that `depth` remain.
+    k = min(depth + int(ignore_identical_ids), ds.num_docs)
 
-    per_query: dict[str, dict[str, dict[str, float]]] = {}
-    scores, ids = base_search(split.corpus, queries)
-    per_query["base"] = evaluate_run(qrels, run_from_results(qids, ds.corpus_ids, scores, ids))
+    def ranking(scores: np.ndarray, ids: np.ndarray) -> dict[str, dict[str, float]]:
+        run = run_from_results(qids, ds.corpus_ids, scores, ids, keep_scores=True)
+        return prepare_run(run, ignore_identical_ids=ignore_identical_ids, depth=depth)
+
+    computed = {"base": ranking(*base_search(split.corpus, queries, k))}
+    if model is not None:
+        for mode in modes:
+            s, i = imrnn_search(model, split.corpus, queries, mode=mode, k=k, feedback_k=feedback_k)
+            computed[f"imrnn-{mode}"] = ranking(s, i)
+    compared = compare_runs(
+        ds.qrels, {**computed, **runs}, reference=reference, metrics=measures, query_ids=qids,
+        train_qrels=train_qrels, ignore_identical_ids=ignore_identical_ids,
+        permutations=permutations, seed=seed, bootstrap=bootstrap, level=level, alpha=alpha,
+    )  # fmt: skip
     result: dict[str, Any] = {
         "dataset": ds.name,
         "split": ds.split,
@@ -290,33 +523,49 @@ def evaluate_embeddings(
         "num_docs": ds.num_docs,
         "encoder": split.encoder,
         "feedback_k": feedback_k,
-        "base": _summary(per_query["base"], subsets),
+        "depth": depth,
     }
+    result.update(_layout(compared))
     if model is not None:
         result["model"] = model.config.to_dict()
-        result["imrnn"] = {}
-        for mode in modes:
-            s, i = imrnn_search(model, split.corpus, queries, mode=mode, feedback_k=feedback_k)
-            name = f"imrnn-{mode}"
-            per_query[name] = evaluate_run(qrels, run_from_results(qids, ds.corpus_ids, s, i))
-            summary = _summary(per_query[name], subsets)
-            summary["significance"] = _significance(
-                per_query["base"], per_query[name], subsets, permutations, seed
-            )
-            result["imrnn"][mode] = summary
-    result["subsets"] = subsets
-    result["per_query"] = per_query
+    if paths is not None:
+        for system, path in paths.items():
+            write_trec_run(path, computed[system], tag=system)
+        result["run_out"] = {system: str(path) for system, path in paths.items()}
     return result
+
+
+def _layout(compared: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`compare_runs`' systems in the result layout: ``base``, ``imrnn: {mode: ...}``
+    and ``runs: {name: ...}`` (external systems)."""
+    out: dict[str, Any] = {
+        "metrics": compared["metrics"],
+        "reference": compared["reference"],
+        "ignore_identical_ids": compared["ignore_identical_ids"],
+        "tests": compared["tests"],
+    }
+    for name, summary in compared["systems"].items():
+        if name == "base":
+            out["base"] = summary
+        elif name.startswith("imrnn-"):
+            out.setdefault("imrnn", {})[name.removeprefix("imrnn-")] = summary
+        else:
+            out.setdefault("runs", {})[name] = summary
+    out["subsets"] = compared["subsets"]
+    out["per_query"] = compared["per_query"]
+    return out
 
 
 def write_per_query(path: str | Path, result: Mapping[str, Any]) -> Path:
     """Write ``result["per_query"]`` atomically: JSON for a ``.json`` path, else TSV.
 
-    TSV columns: ``query_id subset system nDCG@10 Recall@100 MRR@10`` (subset is
-    ``seen_doc``/``unseen_doc`` when known, else ``all``); one row per (query, system).
+    TSV columns: ``query_id subset system`` and one per metric (``result["metrics"]``,
+    default ``nDCG@10 Recall@100 MRR@10``; subset is ``seen_doc``/``unseen_doc`` when known,
+    else ``all``); one row per (query, system).
     """
     path = Path(path)
     per_query: Mapping[str, Mapping[str, Mapping[str, float]]] = result["per_query"]
+    names = list(result.get("metrics", METRICS))
     subsets: Mapping[str, Sequence[str]] = result.get("subsets", {})
     subset_of = {q: name for name in ("seen_doc", "unseen_doc") for q in subsets.get(name, ())}
     if path.suffix == ".json":
@@ -331,12 +580,30 @@ def write_per_query(path: str | Path, result: Mapping[str, Any]) -> Path:
             fh.write("\n")
         return path
     with atomic_file(path, "w") as fh:
-        fh.write("\t".join(("query_id", "subset", "system", *METRICS)) + "\n")
+        fh.write("\t".join(("query_id", "subset", "system", *names)) + "\n")
         for system, table in per_query.items():
             for qid, metrics in table.items():
-                values = [f"{metrics[m]:.6f}" for m in METRICS]
+                values = [f"{metrics[m]:.6f}" for m in names]
                 fh.write("\t".join((qid, subset_of.get(qid, "all"), system, *values)) + "\n")
     return path
+
+
+def _named_runs(runs: Any) -> dict[str, Any]:
+    """External runs as ``{name: path or dict}``: a path's name is the path as given."""
+    if runs is None:
+        return {}
+    if isinstance(runs, Mapping):
+        return dict(runs)
+    if isinstance(runs, (str, Path)):
+        runs = [runs]
+    named: dict[str, Any] = {}
+    for run in runs:
+        if not isinstance(run, (str, Path)):
+            raise TypeError(f"runs must be TREC run paths or a {{name: run}} dict, got {run!r}")
+        if str(run) in named:
+            raise ValueError(f"run {str(run)!r} given twice")
+        named[str(run)] = run
+    return named
 
 
 def evaluate_beir(
@@ -356,8 +623,17 @@ def evaluate_beir(
     show_progress: bool = True,
     mode: str | Sequence[str] | None = None,
     per_query_out: str | Path | None = None,
+    metrics: str | Sequence[str] | None = None,
+    depth: int = RUN_DEPTH,
+    ignore_identical_ids: bool = False,
+    runs: Any = None,
+    baseline: str | Path | Mapping[str, Mapping[str, float]] | None = None,
+    bootstrap: int = 10000,
+    level: float = 0.95,
+    alpha: float = 0.05,
+    run_out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint (and the base encoder) on one split of a BEIR folder.
+    """Evaluate a checkpoint (and the base encoder), or external runs, on a BEIR split.
 
     Args:
         data_dir: the BEIR folder.
@@ -370,11 +646,18 @@ def evaluate_beir(
             unseen-doc subsets. None, or a split the folder lacks, reports overall only.
         encoder, cache_dir: the frozen encoder and its embedding cache.
         per_query_path: write per-query metrics there (``.json`` or TSV).
-        permutations, seed: of the randomisation test.
+        permutations, seed: of the randomisation test (the seed also seeds the bootstrap).
         embedded: precomputed embeddings of the split (skips the encoder).
         show_progress: progress bars while encoding.
         mode, per_query_out: aliases of ``modes`` and ``per_query_path`` (the CLI's names);
             when given they win.
+        metrics, depth, ignore_identical_ids, bootstrap, level, alpha, run_out: see
+            :func:`evaluate_embeddings`.
+        runs: external TREC run files (a path, a list of paths, or ``{name: path or run}``),
+            scored against the split's qrels and tested against the reference.
+        baseline: a TREC run (path or run dict) to test every system against instead of the
+            base encoder. With a baseline and no checkpoint nothing is encoded: only the
+            runs are scored.
 
     Returns:
         The dict of :func:`evaluate_embeddings` without ``"per_query"`` (written to
@@ -385,12 +668,26 @@ def evaluate_beir(
         modes = mode
     if per_query_out is not None:
         per_query_path = per_query_out
-    if embedded is None:
+    named = _named_runs(runs)
+    reference = "base"
+    if baseline is not None:
+        reference = str(baseline) if isinstance(baseline, (str, Path)) else "baseline"
+        named = {reference: baseline, **{k: v for k, v in named.items() if k != reference}}
+    runs_only = baseline is not None and checkpoint is None and embedded is None
+    if runs_only and run_out is not None:
+        raise ValueError("run_out writes computed rankings; with only external runs there are none")
+    # Bad measure names and test settings fail before any encoding.
+    parse_metrics(metrics)
+    _check_tests(permutations, bootstrap, level, alpha)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth <= 0:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    if embedded is None and not runs_only:
         embedded = embed_beir(
             data_dir, split, encoder=encoder, cache_dir=cache_dir, show_progress=show_progress
         )
+    dataset = embedded.dataset if embedded is not None else load_beir(data_dir, split)
     train_qrels = None
-    if train_split is not None and train_split != embedded.dataset.split:
+    if train_split is not None and train_split != dataset.split:
         try:
             train_qrels = load_beir(data_dir, train_split).qrels
         except FileNotFoundError:
@@ -405,16 +702,28 @@ def evaluate_beir(
             f"the adapter expects {model.config.input_dim}-d embeddings but the encoder gives "
             f"{embedded.corpus.shape[1]}-d: was it trained with another encoder?"
         )
-    with torch.no_grad():
-        result = evaluate_embeddings(
-            embedded,
-            model,
-            modes=modes,
-            feedback_k=feedback_k,
-            train_qrels=train_qrels,
-            permutations=permutations,
-            seed=seed,
-        )
+    if runs_only:
+        compared = compare_runs(
+            dataset.qrels, named, reference=reference, metrics=metrics,
+            query_ids=dataset.query_ids, train_qrels=train_qrels,
+            ignore_identical_ids=ignore_identical_ids, permutations=permutations, seed=seed,
+            bootstrap=bootstrap, level=level, alpha=alpha,
+        )  # fmt: skip
+        result: dict[str, Any] = {
+            "dataset": dataset.name,
+            "split": dataset.split,
+            "num_queries": dataset.num_queries,
+            "num_docs": dataset.num_docs,
+            **_layout(compared),
+        }
+    else:
+        with torch.no_grad():
+            result = evaluate_embeddings(
+                embedded, model, modes=modes, feedback_k=feedback_k, train_qrels=train_qrels,
+                permutations=permutations, seed=seed, metrics=metrics, depth=depth,
+                ignore_identical_ids=ignore_identical_ids, runs=named, reference=reference,
+                bootstrap=bootstrap, level=level, alpha=alpha, run_out=run_out,
+            )  # fmt: skip
     if per_query_path is not None:
         write_per_query(per_query_path, result)
     result.pop("per_query")
@@ -427,25 +736,64 @@ def evaluate_beir(
     return result
 
 
-def format_table(result: Mapping[str, Any]) -> str:
-    """A plain-text table of a result dict: one row per (system, subset)."""
-    lines = [f"{'system':<18} {'subset':<11} {'n':>4} " + " ".join(f"{m:>10}" for m in METRICS)]
+def _systems(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    out = [("base", result["base"])] if "base" in result else []
+    out += [(f"imrnn-{mode}", s) for mode, s in result.get("imrnn", {}).items()]
+    out += list(result.get("runs", {}).items())
+    return out
 
-    def row(system: str, summary: Mapping[str, Any], sig: Mapping[str, Any] | None) -> None:
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """A plain-text report of a result dict: one row per (system, subset), then each
+    system's overall difference from the reference with its interval and p-values.
+
+    ``*`` marks a difference whose Holm-adjusted randomisation p is below the result's alpha.
+    """
+    names = list(result.get("metrics", METRICS))
+    tests = result.get("tests", {})
+    alpha = float(tests.get("alpha", 0.05))
+    width = max([10, *(len(m) + 1 for m in names)])
+    systems = _systems(result)
+    sys_width = max([18, *(len(s) for s, _ in systems)])
+    header = f"{'system':<{sys_width}} {'subset':<11} {'n':>4} "
+    lines = [header + " ".join(f"{m:>{width}}" for m in names)]
+
+    def marked(test: Mapping[str, float]) -> bool:
+        return test.get("p_randomisation_holm", test["p_randomisation"]) < alpha
+
+    for system, summary in systems:
+        sig = summary.get("significance")
         for subset in SUBSETS:
             block = summary if subset == "overall" else summary.get(subset)
             if block is None:
                 continue
             cells = []
-            for m in METRICS:
+            for m in names:
                 cell = f"{block[m]:.4f}" if not math.isnan(block[m]) else "nan"
-                if sig is not None and subset in sig:
-                    p = sig[subset][m]["p_randomisation"]
-                    cell += "*" if p < 0.05 else " "
-                cells.append(f"{cell:>10}")
-            lines.append(f"{system:<18} {subset:<11} {block['num_queries']:>4} " + " ".join(cells))
-
-    row("base", result["base"], None)
-    for mode, summary in result.get("imrnn", {}).items():
-        row(f"imrnn-{mode}", summary, summary.get("significance"))
+                tested = sig is not None and subset in sig
+                cell += "*" if tested and marked(sig[subset][m]) else " "
+                cells.append(f"{cell:>{width}}")
+            lines.append(
+                f"{system:<{sys_width}} {subset:<11} {block['num_queries']:>4} " + " ".join(cells)
+            )
+    diffs = []
+    for system, summary in systems:
+        for m, t in summary.get("significance", {}).get("overall", {}).items():
+            ci = f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]" if "ci_low" in t else "-"
+            diffs.append(
+                f"{system:<{sys_width}} {m:<{width}} {t['delta']:+.4f} {ci:>19} "
+                f"{t['p_randomisation']:>8.3g} {t.get('p_randomisation_holm', math.nan):>8.3g}"
+                + (" *" if marked(t) else "")
+            )
+    if diffs:
+        level = tests.get("bootstrap", {}).get("level", 0.95)
+        lines += [
+            "",
+            f"vs {result.get('reference', 'base')} (overall; {level:.0%} paired bootstrap "
+            f"interval; randomisation p raw and Holm-adjusted over {tests.get('family_size', '?')}"
+            f" tests; * Holm p < {alpha:g}):",
+            f"{'system':<{sys_width}} {'metric':<{width}} {'delta':>7} {'interval':>19} "
+            f"{'p':>8} {'p Holm':>8}",
+            *diffs,
+        ]
     return "\n".join(lines)

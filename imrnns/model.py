@@ -1,6 +1,6 @@
 """The IMRNN model: projection, query/document HyperNets, LayerNorms and the modulated cosine.
 
-The maths (DESIGN.md section 1), for a query q and candidates d_1..d_K:
+The maths (docs/design.md section 1), for a query q and candidates d_1..d_K:
 
     p(x)      = normalize(P x + p0)                               projection, R^n -> R^m
     T_q       = act(A_q(p(q)))                                    query-side transform

@@ -24,6 +24,12 @@ on CPU tensors, the reference on request. ``IMRNNS_BACKEND=reference|cpu|triton`
 ``with use_backend(...)`` forces one (an explicit choice that cannot serve a call raises
 :class:`imrnns_kernels.dispatch.BackendError`); :func:`imrnns_kernels.dispatch.implementation`
 says which implementation a call runs and why.
+
+The five fused ops are also PyTorch custom operators, ``torch.ops.imrnns.<op>`` (registered
+by this import, with fake implementations and autograd), which the functions above call
+after checking their inputs: ``torch.compile(fullgraph=True)`` and ``torch.export`` trace a
+model that uses them without a graph break. docs/compile.md says which checks run in
+compiled code and how each op behaves under CUDA graphs.
 """
 
 from imrnns_kernels._validation import transform_dim

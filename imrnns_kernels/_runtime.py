@@ -81,11 +81,37 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_THREADS = 64
 
 
+# torch's thread count while a run_workers call has it at 1; None when no call is running.
+_SAVED_THREADS: int | None = None
+
+
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="imrnns-worker")
     return _POOL
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: forget the parent's pool, lock and worker marks.
+
+    ``fork()`` copies only the calling thread. The parent's pool object survives with its
+    idle-thread count but none of its threads, so work submitted to it would wait forever;
+    the lock may have been held by a thread that no longer exists. The child starts a new
+    pool on first use, and torch's thread count, set to 1 by a call in flight in another
+    parent thread, is put back.
+    """
+    global _POOL, _WORKERS_LOCK, _SAVED_THREADS
+    _POOL = None  # the old executor is never shut down: joining threads that do not exist hangs
+    _WORKERS_LOCK = threading.Lock()
+    _LOCAL.in_worker = False
+    if _SAVED_THREADS is not None:
+        torch.set_num_threads(_SAVED_THREADS)
+        _SAVED_THREADS = None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def run_workers(
@@ -116,8 +142,9 @@ def run_workers(
         for i in range(num_items):
             body(state, i)
         return [state]
+    global _SAVED_THREADS
     with _WORKERS_LOCK:
-        saved = torch.get_num_threads()
+        saved = _SAVED_THREADS = torch.get_num_threads()
         torch.set_num_threads(1)
         counter = itertools.count()
         # Grad mode is per thread: a worker would start with grad on even when the caller
@@ -155,6 +182,7 @@ def run_workers(
             wait(futures)
         finally:
             torch.set_num_threads(saved)
+            _SAVED_THREADS = None
     if errors:
         raise errors[0]
     return [st for st in states if st is not None]
@@ -173,13 +201,15 @@ def one_intra_op_thread(workers: int) -> Iterator[None]:
     if workers > 1 or torch.get_num_threads() == 1 or getattr(_LOCAL, "in_worker", False):
         yield
         return
+    global _SAVED_THREADS
     with _WORKERS_LOCK:
-        saved = torch.get_num_threads()
+        saved = _SAVED_THREADS = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             yield
         finally:
             torch.set_num_threads(saved)
+            _SAVED_THREADS = None
 
 
 # Thread-local scratch buffers, reused across calls. A freshly allocated multi-MB tensor is

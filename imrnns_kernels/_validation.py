@@ -3,6 +3,15 @@
 Every public entry point validates before it launches anything, so a bad call fails with a
 message that names the argument, its shape and its dtype instead of a silent wrong score or
 an out-of-bounds read inside a kernel.
+
+Two kinds of check. *Static* checks read only types, ranks, shapes, dtypes and devices: they
+run always, also while ``torch.compile`` / ``torch.export`` trace a caller (so a compiled
+call fails at trace time with the eager message). *Value* checks read the data (NaN/Inf
+scans, the id range, feedback-weight signs and sums) and need a host sync: they are skipped
+while tracing (the tensors are fake and a sync would break the graph) and while a CUDA graph
+captures the tensors' stream (a sync is illegal there); :func:`values_readable` says when
+they run. The registered ops (``torch.ops.imrnns.*``) run every check again when they
+execute, so a compiled call still gets them: see docs/compile.md.
 """
 
 from __future__ import annotations
@@ -13,6 +22,20 @@ from collections.abc import Sequence
 import torch
 
 MODULATIONS = ("diagonal", "affine")
+
+
+def tracing() -> bool:
+    """True while ``torch.compile`` or ``torch.export`` traces the caller (fake tensors)."""
+    return torch.compiler.is_compiling()
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values on the host now: not while tracing (fake
+    tensors hold no data; a ``.item()`` would break the graph) and not while a CUDA graph is
+    being captured on the current stream (a host sync raises there)."""
+    if tracing():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def describe(t: torch.Tensor) -> str:
@@ -48,7 +71,7 @@ def check_ids(name: str, ids: object, num_rows: int) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (B, K), got {describe(ids)}")
     if ids.shape[1] == 0:
         raise ValueError(f"{name} is an empty candidate set: {describe(ids)}")
-    if ids.numel() > 0:
+    if ids.numel() > 0 and values_readable(ids):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= num_rows:
             raise ValueError(
@@ -58,8 +81,9 @@ def check_ids(name: str, ids: object, num_rows: int) -> torch.Tensor:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Reject NaN/Inf: they would propagate into every score that touches them."""
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    """Reject NaN/Inf: they would propagate into every score that touches them (a value
+    check: see :func:`values_readable`)."""
+    if t.numel() and values_readable(t) and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf values ({describe(t)})")
 
@@ -67,6 +91,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 def check_all_finite(**tensors: torch.Tensor) -> None:
     """:func:`check_finite` of each tensor (all on one device) with one host sync, not one
     per tensor: a GPU call's inputs are checked without stalling the stream four times."""
+    if not all(values_readable(t) for t in tensors.values()):
+        return
     flags = [torch.isfinite(t).all() for t in tensors.values() if t.numel()]
     if flags and not bool(torch.stack(flags).all()):
         for name, t in tensors.items():
@@ -130,10 +156,13 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 
 def check_weights(name: str, weights: object, shape: tuple[int, int]) -> torch.Tensor:
-    """Non-negative finite (B, K) weights with a positive sum per row."""
+    """Non-negative finite (B, K) weights with a positive sum per row (the values are
+    checked when :func:`values_readable`)."""
     w = check_float(name, weights, 2)
     if tuple(w.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {describe(w)}")
+    if not values_readable(w):
+        return w
     check_finite(name, w)
     if bool((w < 0).any()):
         raise ValueError(f"{name} must be non-negative ({describe(w)})")

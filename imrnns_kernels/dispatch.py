@@ -40,6 +40,17 @@ Selection. :func:`implementation` returns the choice for a call and the reason f
 Every public op validates its inputs (in its family's ``__init__``) before asking here, so
 a bad call raises ``TypeError``/``ValueError`` naming shapes and dtypes instead of reading out
 of bounds.
+
+Where the choice is made. The fused ops are PyTorch custom operators (``torch.ops.imrnns.*``,
+registered in each family's ``ops.py``); :func:`implementation` is called inside the
+operator's implementation, when it runs on real tensors, never in traced code. That runs
+below autograd, so the forward asks with ``needs_grad=False``; the autograd set-up asks
+again with ``needs_grad=True`` for the implementation whose backward to run (an automatic
+choice without a backward gives the reference there). An implementation that carries an
+analytic backward as ``fn.backward`` (the builtin ``cpu`` and ``triton`` ones) is
+differentiated by it, through a backward operator; any other (the reference, a function
+given to :func:`register`) is recomputed under autograd in the backward pass
+(docs/compile.md).
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ __all__ = [
     "PLAIN_OPS",
     "BackendError",
     "Implementation",
+    "backend_function",
     "backends",
     "check_workspace_bytes",
     "implementation",
@@ -166,10 +178,20 @@ def _check_op(op: str) -> None:
 def use_backend(backend: str) -> Iterator[None]:
     """Force one backend inside a ``with`` block (benchmarks and tests compare them).
 
+    Enter it outside ``torch.compile``'d code: the operators choose when they run, so a block
+    inside a traced function would not reach them (it raises instead of being ignored).
+
     Raises:
         ValueError: unknown backend.
-        BackendError: ``"triton"`` while triton does not import (says how to install it).
+        BackendError: ``"triton"`` while triton does not import (says how to install it), or
+            the block is entered in code being traced by ``torch.compile`` / ``torch.export``.
     """
+    if torch.compiler.is_compiling():
+        raise BackendError(
+            f"use_backend({backend!r}) inside code traced by torch.compile or torch.export "
+            "would not reach the operators, which choose their implementation when they run: "
+            "enter it around the call of the compiled function instead"
+        )
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
     if backend == "triton":
@@ -232,6 +254,23 @@ def _resolve(op: str, backend: str) -> Callable[..., Any] | None:
         raise
     fn = getattr(module, name)
     _REGISTRY[op][backend] = fn
+    return fn
+
+
+def backend_function(op: str, backend: str) -> Callable[..., Any]:
+    """The ``backend`` implementation of ``op`` itself, loaded on first use (the backward
+    operators find the analytic backward of the implementation a forward ran this way).
+
+    Raises:
+        ValueError: unknown op or backend, or ``op`` has no ``backend`` implementation.
+        BackendError: the triton backend while triton does not import.
+    """
+    _check_op(op)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
+    fn = _resolve(op, backend)
+    if fn is None:
+        raise ValueError(f"{op} has no {backend} implementation (it has: {backends(op)})")
     return fn
 
 

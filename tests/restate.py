@@ -1,4 +1,4 @@
-"""An independent, loop-by-loop float64 re-statement of the IMRNN maths (DESIGN.md section 1).
+"""An independent, loop-by-loop float64 re-statement of the IMRNN maths (docs/design.md section 1).
 
 Written from the equations, sharing no code with the library, so that the model, the ops and
 the checkpoint import are checked against something that could disagree with them.

@@ -174,7 +174,9 @@ def test_no_import_cycles() -> None:
     assert not comps, comps
 
 
-@pytest.mark.parametrize("heavy", ["faiss", "transformers", "triton", "matplotlib"])
+@pytest.mark.parametrize(
+    "heavy", ["faiss", "transformers", "sentence_transformers", "triton", "matplotlib"]
+)
 def test_the_library_core_does_not_import_heavy_packages_at_import_time(heavy: str) -> None:
     """``import imrnns`` and ``import imrnns_kernels`` stay light: heavy packages load inside
     the functions that need them (faiss in the index, transformers in the encoders)."""

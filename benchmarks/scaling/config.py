@@ -25,7 +25,7 @@ PROVIDERS = (
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SKIP_CODES = ("memory", "time", "not_applicable", "unavailable", "deadline", "error")
 
-# Physical ceilings for the roofline columns (DESIGN.md section 2), overridable with
+# Physical ceilings for the roofline columns (docs/design.md section 3), overridable with
 # IMRNNS_PEAK_GBPS / IMRNNS_PEAK_FLOPS. CPU: the 2-core CI machines (about 19 GB/s, about
 # 140 GFLOP/s fp32 GEMM). GPU: bandwidth is measured on the spot (device-to-device copy,
 # bytes read + written); FLOP/s is the card's fp32 FMA peak, because the kernels accumulate

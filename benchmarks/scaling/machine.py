@@ -147,9 +147,9 @@ def machine_info(cfg: SweepConfig) -> dict[str, Any]:
             device_name=f"{info['cpu_model']} ({info['cpu_cores']} cores, CPU)",
             measured_copy_gbps=measure_copy_gbps("cpu", 1 << 28),
             peak_gbps=float(env_gbps) if env_gbps else CPU_PEAK_GBPS,
-            peak_gbps_source="IMRNNS_PEAK_GBPS" if env_gbps else "DESIGN.md section 2",
+            peak_gbps_source="IMRNNS_PEAK_GBPS" if env_gbps else "docs/design.md section 3",
             peak_flops=float(env_flops) if env_flops else CPU_PEAK_FLOPS,
-            peak_flops_source="IMRNNS_PEAK_FLOPS" if env_flops else "DESIGN.md section 2",
+            peak_flops_source="IMRNNS_PEAK_FLOPS" if env_flops else "docs/design.md section 3",
         )
     return info
 

@@ -1,13 +1,15 @@
 """Command line: ``imrnns encode | search | evaluate | train | explain | demo`` (also ``python -m imrnns``).
 
 Every command has ``--help``; ``--json`` prints one machine-readable JSON object on stdout
-(progress bars and logs go to stderr).
+(progress bars and logs go to stderr). An error is one line on stderr and exit status 2
+(:func:`guarded`); ``--debug`` or ``IMRNNS_DEBUG=1`` shows its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from imrnns._json import finite
+from imrnns.explain.words import DEFAULT_METHOD as DEFAULT_EXPLAIN_METHOD
+from imrnns.explain.words import WORD_METHODS
 from imrnns.pretrained import default_adapter
 
 DEFAULT_ENCODER = "minilm"
@@ -163,21 +167,76 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- evaluate / train
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from imrnns.evaluate import evaluate_beir
+def evaluation_options(sp: argparse.ArgumentParser) -> None:
+    """Metrics, TREC runs and statistics options of ``imrnns evaluate`` (and of
+    ``python -m imrnns.cli.evaluate``)."""
+    sp.add_argument(
+        "--metrics", nargs="+", default=None, metavar="MEASURE",
+        help="measures as ir-measures names them, e.g. \"nDCG@10 R@100 RR@10 P@5 AP\" "
+        "(default: nDCG@10 Recall@100 MRR@10, BEIR's names for nDCG@10 R@100 RR@10; each is "
+        "reported under the name given)",
+    )  # fmt: skip
+    sp.add_argument("--depth", type=int, default=100,
+                    help="documents retrieved per query, raised to the largest cut-off "
+                    "(default 100; measures without a cut-off, such as AP, see this many)")  # fmt: skip
+    sp.add_argument("--ignore-identical-ids", action="store_true",
+                    help="drop a retrieved document whose id equals the query id, as BEIR's "
+                    "EvaluateRetrieval does (ArguAna, Quora); off by default")  # fmt: skip
+    sp.add_argument("--run", action="append", default=None, metavar="PATH",
+                    help="score this TREC run file too (repeatable); without --checkpoint "
+                    "the adapter is not evaluated")  # fmt: skip
+    sp.add_argument("--baseline", default=None, metavar="PATH",
+                    help="test every system against this TREC run instead of the base "
+                    "encoder (with --run and no --checkpoint nothing is encoded)")  # fmt: skip
+    sp.add_argument("--run-out", default=None, metavar="PATH",
+                    help="write each computed ranking as a TREC run; {system} in PATH is "
+                    "replaced by base / imrnn-rerank / imrnn-exhaustive, else the name is "
+                    "inserted before the suffix when there are several")  # fmt: skip
+    sp.add_argument("--permutations", type=int, default=10000,
+                    help="randomisation-test permutations (default 10000)")  # fmt: skip
+    sp.add_argument("--bootstrap", type=int, default=10000,
+                    help="bootstrap resamples of the overall differences (0: none; "
+                    "default 10000)")  # fmt: skip
+    sp.add_argument("--seed", type=int, default=0, help="seed of both tests (default 0)")
+    sp.add_argument("--alpha", type=float, default=0.05,
+                    help="level of the * marker, on Holm-adjusted p (default 0.05)")  # fmt: skip
 
+
+def evaluation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`imrnns.evaluate.evaluate_beir` arguments of :func:`evaluation_options`."""
+    return {
+        "metrics": None if args.metrics is None else " ".join(args.metrics),
+        "depth": args.depth,
+        "ignore_identical_ids": args.ignore_identical_ids,
+        "runs": args.run,
+        "baseline": args.baseline,
+        "run_out": args.run_out,
+        "permutations": args.permutations,
+        "bootstrap": args.bootstrap,
+        "seed": args.seed,
+        "alpha": args.alpha,
+    }
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imrnns.evaluate import evaluate_beir, format_table
+
+    checkpoint = args.checkpoint
+    if checkpoint is None and not (args.run or args.baseline):
+        checkpoint = default_adapter()
     payload = evaluate_beir(
         data_dir=args.data,
         split=args.split,
-        checkpoint=args.checkpoint or default_adapter(),
+        checkpoint=checkpoint,
         mode=args.mode,
         encoder=args.encoder,
         cache_dir=args.cache,
         feedback_k=args.feedback_k,
         per_query_out=args.per_query,
         show_progress=not args.json,
+        **evaluation_kwargs(args),
     )
-    _emit(payload, args.json, json.dumps(payload, indent=2, default=_jsonable))
+    _emit(payload, args.json, "" if args.json else format_table(payload))
     return 0
 
 
@@ -210,10 +269,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """Token-level explanations: of each query's top documents, or of given pairs."""
     from imrnns import IMRNN
     from imrnns.data import load_beir
-    from imrnns.explain import CorpusVocabulary, Explainer, format_table, render_html
+    from imrnns.explain import (
+        CorpusVocabulary,
+        Explainer,
+        WordExplainer,
+        format_table,
+        render_html,
+    )
 
     if args.top_k <= 0 or args.k <= 0:
         raise ValueError(f"--top-k and --k must be positive, got {args.top_k} and {args.k}")
+    # --no-filter is the paper's plain back-projection, whatever --method says.
+    backprojection = args.no_filter or args.method == "backprojection"
     enc = _encoder(args.encoder, args.cache, args.json)
     data = load_beir(args.data, args.split)
     queries = list(args.query)
@@ -241,19 +308,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
         else:
             # _build_index just encoded this corpus: a cache hit, row i is document i.
             d_emb = enc.encode_document(data.corpus_texts)[[i for _, i in rows]]
-    vocab = CorpusVocabulary.from_texts(data.corpus_texts, enc.tokenizer)
-    explainer = Explainer(model, enc.token_embeddings(), enc.tokenizer, idf=vocab)
     t0 = time.perf_counter()
-    explanations = explainer.explain(
-        q_emb,
-        d_emb,
-        top_k=args.top_k,
-        filter=not args.no_filter,
-        query_texts=qt,
-        doc_texts=dt,
-        doc_ids=ids,
-        feedback=feedback,
-    )
+    if backprojection:
+        vocab = CorpusVocabulary.from_texts(data.corpus_texts, enc.tokenizer)
+        explainer = Explainer(model, enc.token_embeddings(), enc.tokenizer, idf=vocab)
+        t0 = time.perf_counter()
+        explanations = explainer.explain(
+            q_emb,
+            d_emb,
+            top_k=args.top_k,
+            filter=not args.no_filter,
+            query_texts=qt,
+            doc_texts=dt,
+            doc_ids=ids,
+            feedback=feedback,
+        )
+    else:
+        # Through the encoder: the texts are what is explained; the embeddings just made
+        # score the pairs.
+        explanations = WordExplainer(model, enc, method=args.method).explain(
+            qt,
+            dt,
+            top_k=args.top_k,
+            doc_ids=ids,
+            feedback=feedback,
+            query_embeddings=q_emb,
+            doc_embeddings=d_emb,
+        )
     ms = (time.perf_counter() - t0) * 1e3
     html_path = None
     if args.html:
@@ -264,8 +345,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
             import webbrowser
 
             webbrowser.open(html_path.as_uri())
+    first = explanations[0] if explanations else None
     payload = {
-        "method": explanations[0].method if explanations else None,
+        "method": first.method if first else None,
+        "token_scores": first.to_dict()["token_scores"] if first else None,
+        "faithfulness": first.faithfulness if first else None,
         "feedback": "document" if index is None else f"index (feedback_k={index.feedback_k})",
         "milliseconds": round(ms, 3),
         "html": str(html_path) if html_path else None,
@@ -299,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, data: bool = True) -> None:
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        add_debug_argument(sp)
         sp.add_argument(
             "--encoder",
             default=DEFAULT_ENCODER,
@@ -357,9 +442,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_distributed_arguments(sp)
     sp.set_defaults(func=cmd_search)
 
-    sp = sub.add_parser("evaluate", help="nDCG@10 / Recall@100 / MRR@10, base vs IMRNN")
+    sp = sub.add_parser(
+        "evaluate",
+        help="any ir-measures metric (default nDCG@10 / Recall@100 / MRR@10), base vs IMRNN "
+        "or TREC runs, Holm-corrected tests and bootstrap intervals",
+    )
     common(sp)
-    index_opts(sp)
+    sp.add_argument(
+        "--checkpoint",
+        default=None,
+        help="adapter: our directory or an official .pt (default: the shipped SciFact adapter, "
+        "unless --run or --baseline is given)",
+    )
+    sp.add_argument("--feedback-k", type=int, default=100, help="feedback set size (default 100)")
+    sp.add_argument("--mode", nargs="+", choices=("rerank", "exhaustive"), default="rerank",
+                    help="one or both IMRNN modes (default rerank)")  # fmt: skip
+    evaluation_options(sp)
     sp.add_argument(
         "--per-query",
         default=None,
@@ -389,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "explain",
-        help="token-level explanations (Moore-Penrose back-projection) of IMRNN rankings",
+        help="which words of the query and document drive the adapter's score",
     )
     common(sp)
     index_opts(sp)
@@ -403,9 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=3, help="top documents explained per query")
     sp.add_argument("--top-k", type=int, default=10, help="tokens per side (default 10)")
     sp.add_argument(
+        "--method",
+        choices=(*WORD_METHODS, "backprojection"),
+        default=DEFAULT_EXPLAIN_METHOD,
+        help=f"how each word's signed effect on the adapter's added score is found (default "
+        f"{DEFAULT_EXPLAIN_METHOD}, chosen by benchmarks/explain_faithfulness.py; occlusion "
+        "is exact but costs an encoder pass per word), or the paper's back-projection of the "
+        "modulation ('backprojection', filtered to the pair's words)",
+    )
+    sp.add_argument(
         "--no-filter",
         action="store_true",
-        help="the paper's plain method: keep fragments, stop words and unsupported tokens",
+        help="the paper's plain back-projection: keep fragments, stop words and unsupported "
+        "tokens (implies --method backprojection)",
     )
     sp.add_argument("--html", default=None, help="write an HTML report to this file")
     sp.add_argument("--open", action="store_true", help="open the HTML report in a browser")
@@ -423,17 +531,72 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return guarded(lambda: args.func(args), f"imrnns {args.command}")
+    return guarded(lambda: args.func(args), f"imrnns {args.command}", debug=args.debug)
 
 
-def guarded(run: Callable[[], int], prog: str) -> int:
-    """Run a command; bad input (ValueError, TypeError, OSError: a missing file, an output
-    path that is a directory or not writable) is one error line and exit status 2, not a
-    traceback. Also the entry of ``python -m imrnns.cli.train`` / ``imrnns.cli.evaluate``."""
+DEBUG_ENV = "IMRNNS_DEBUG"
+# Bad input (ValueError, TypeError), the environment (OSError: a missing file, a full disk, no
+# permission, a rank that timed out; MemoryError), and the libraries' own failures: RuntimeError
+# (faiss, torch, an out-of-memory, a failed rank of a distributed run), AssertionError (faiss's
+# Python wrappers check their arguments with assert). SafetensorError is added on first use.
+REPORTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    OSError,
+    MemoryError,
+    RuntimeError,
+    AssertionError,
+)
+_DEBUG_HINT = f"(--debug or {DEBUG_ENV}=1 shows the traceback)"
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    """``--debug``: an error shows its traceback instead of one line (also ``IMRNNS_DEBUG=1``)."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"on an error, show the full traceback instead of one line (also {DEBUG_ENV}=1)",
+    )
+
+
+def _debug_env() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _reported_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError  # a plain Exception subclass
+
+    return (*REPORTED_ERRORS, SafetensorError)
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line: its message for bad input and OSError, else with its type name
+    and how to see the traceback (an empty message: the type name alone)."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if message and isinstance(exc, ValueError | TypeError | OSError):
+        return message
+    name = type(exc).__name__
+    return f"{name}: {message} {_DEBUG_HINT}" if message else f"{name} {_DEBUG_HINT}"
+
+
+def guarded(run: Callable[[], int], prog: str, debug: bool | None = None) -> int:
+    """Run a command: an error is one line on stderr and exit status 2, not a traceback.
+
+    Reported this way: :data:`REPORTED_ERRORS` and SafetensorError (bad input, missing or
+    damaged files, the disk, memory, the libraries' failures, a failed rank). Any other
+    exception (AttributeError, KeyError, ...) is a programming error and keeps its
+    traceback. With ``debug`` (``--debug``; None: ``--debug`` among ``sys.argv``) or
+    ``IMRNNS_DEBUG=1`` every error keeps its traceback. Also the entry of
+    ``python -m imrnns.cli.train`` / ``imrnns.cli.evaluate``.
+    """
+    if debug is None:
+        debug = "--debug" in sys.argv[1:]
     try:
         return int(run())
-    except (ValueError, TypeError, OSError) as exc:
-        _log(f"{prog}: error: {exc}")
+    except Exception as exc:
+        if debug or _debug_env() or not isinstance(exc, _reported_errors()):
+            raise
+        _log(f"{prog}: error: {error_line(exc)}")
         return 2
 
 

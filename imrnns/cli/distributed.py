@@ -2,8 +2,8 @@
 
 The flags (:func:`add_distributed_arguments`) and the command (:func:`run_distributed_search`)
 over :class:`imrnns.index.distributed.DistributedIMRNNIndex`; tested by
-tests/test_distributed.py (``test_cli_search_distributed_under_torchrun``) and
-tests/test_bad_input.py. Launch::
+tests/retriever/test_distributed.py (``test_cli_search_distributed_under_torchrun``) and
+tests/bad_input/test_bad_input.py. Launch::
 
     torchrun --nproc-per-node 4 -m imrnns search --distributed --index DIR "query text"
 """
@@ -11,8 +11,10 @@ tests/test_bad_input.py. Launch::
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -20,9 +22,12 @@ import torch.distributed as dist
 
 from imrnns.data import load_beir
 from imrnns.index.distributed import (
+    DEFAULT_TIMEOUT,
     EXCHANGES,
+    MAX_TIMEOUT_S,
     DistributedIMRNNIndex,
     init_from_env,
+    run_on_every_rank,
     shard_bounds,
 )
 from imrnns.model import IMRNN
@@ -48,6 +53,27 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
         default="rows",
         help="feedback exchange: rows (bit-exact, default) or partial (less traffic)",
     )
+    parser.add_argument(
+        "--dist-timeout",
+        type=timeout_seconds_arg,
+        default=DEFAULT_TIMEOUT.total_seconds(),
+        metavar="SECONDS",
+        help="bound on every wait for the other ranks (process group and index; default "
+        f"{DEFAULT_TIMEOUT.total_seconds():g}): a rank that hangs ends the job after this",
+    )
+
+
+def timeout_seconds_arg(value: str) -> float:
+    """``--dist-timeout``: a positive, finite number of seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not 0 < seconds <= MAX_TIMEOUT_S or math.isnan(seconds):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of seconds up to {MAX_TIMEOUT_S}, got {value!r}"
+        )
+    return seconds
 
 
 def run_distributed_search(
@@ -73,15 +99,29 @@ def run_distributed_search(
             "one process, then search it with --distributed --index DIR"
         )
     created = not (dist.is_available() and dist.is_initialized())
-    rank, world, device = init_from_env(getattr(args, "dist_backend", "auto"))
+    timeout = timedelta(seconds=getattr(args, "dist_timeout", DEFAULT_TIMEOUT.total_seconds()))
+    rank, world, device = init_from_env(getattr(args, "dist_backend", "auto"), timeout=timeout)
+
+    def everywhere(what: str, step: Callable[[], Any]) -> Any:
+        # Rank-local work between collectives: a failure on one rank ends every rank.
+        return run_on_every_rank(what, step, timeout=timeout)
+
     try:
-        enc = encoder(args.encoder, args.cache, quiet=bool(args.json) or rank != 0)
+        enc = everywhere(
+            "loading the encoder",
+            lambda: encoder(args.encoder, args.cache, quiet=bool(args.json) or rank != 0),
+        )
         exchange = getattr(args, "exchange", "rows")
         if args.index:
-            index = DistributedIMRNNIndex.load(args.index, device=device, exchange=exchange)
+            index = DistributedIMRNNIndex.load(
+                args.index, device=device, exchange=exchange, timeout=timeout
+            )
         else:
-            data = load_beir(args.data, args.split)
-            model = IMRNN.from_pretrained(args.checkpoint or default_adapter())
+            data = everywhere("reading the corpus", lambda: load_beir(args.data, args.split))
+            model = everywhere(
+                "loading the adapter",
+                lambda: IMRNN.from_pretrained(args.checkpoint or default_adapter()),
+            )
             index = DistributedIMRNNIndex(
                 model,
                 feedback_k=args.feedback_k,
@@ -90,15 +130,19 @@ def run_distributed_search(
                 encoder=enc.fingerprint,
                 device=device,
                 exchange=exchange,
+                timeout=timeout,
             )
             lo, hi = shard_bounds(len(data.corpus_ids), world, rank)
-            rows = (
-                enc.encode_document(data.corpus_texts[lo:hi])
-                if hi > lo
-                else np.zeros((0, model.config.input_dim), dtype=np.float32)
+            rows = everywhere(
+                "encoding the corpus",
+                lambda: (
+                    enc.encode_document(data.corpus_texts[lo:hi])
+                    if hi > lo
+                    else np.zeros((0, model.config.input_dim), dtype=np.float32)
+                ),
             )
             index.add_shard(rows, doc_ids=data.corpus_ids[lo:hi])
-        q = enc.encode_query(args.query, cache=False)
+        q = everywhere("encoding the queries", lambda: enc.encode_query(args.query, cache=False))
         t0 = time.perf_counter()
         scores, ids = index.search(
             q,

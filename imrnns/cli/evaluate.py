@@ -1,7 +1,8 @@
-"""``python -m imrnns.cli.evaluate``: evaluate a checkpoint on a BEIR folder (table or JSON).
+"""``python -m imrnns.cli.evaluate``: evaluate a checkpoint or TREC runs on a BEIR folder.
 
-The same evaluation as ``imrnns evaluate``, with the options of
-:func:`imrnns.evaluate.evaluate_beir` spelled out.
+The same evaluation as ``imrnns evaluate`` (metrics, TREC runs in and out, Holm-adjusted
+tests, bootstrap intervals), with the options of :func:`imrnns.evaluate.evaluate_beir`
+spelled out; ``--checkpoint`` has no default here (base encoder alone when omitted).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from collections.abc import Sequence
 
 from imrnns._json import finite
-from imrnns.cli import guarded
+from imrnns.cli import add_debug_argument, evaluation_kwargs, evaluation_options, guarded
 from imrnns.evaluate import MODES, evaluate_beir, format_table
 
 
@@ -28,15 +29,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--cache", default=None)
     parser.add_argument("--per-query", default=None, help="write per-query metrics (.tsv/.json)")
-    parser.add_argument("--permutations", type=int, default=10000)
     parser.add_argument("--json", action="store_true")
+    add_debug_argument(parser)
+    evaluation_options(parser)
     args = parser.parse_args(argv)
     result = evaluate_beir(
         args.data, args.checkpoint, split=args.split, modes=args.mode,
         feedback_k=args.feedback_k,
         train_split=None if args.train_split.lower() == "none" else args.train_split,
         encoder=args.encoder, cache_dir=args.cache, per_query_path=args.per_query,
-        permutations=args.permutations, show_progress=not args.json,
+        show_progress=not args.json, **evaluation_kwargs(args),
     )  # fmt: skip
     if args.json:
         print(json.dumps(finite(result), indent=2, sort_keys=True, allow_nan=False))

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 
 from imrnns._json import finite
-from imrnns.cli import guarded
+from imrnns.cli import add_debug_argument, guarded
 from imrnns.training import parse_overrides, train_from_beir
 
 PROG = "python -m imrnns.cli.train"
@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="refit for N epochs instead of the selected epoch (implies --refit)")  # fmt: skip
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)

@@ -1,4 +1,15 @@
-"""Token-level explanations of IMRNN modulations: Moore-Penrose back-projection, filtered.
+"""Explanations of IMRNN scores: words that drive the adapter (through the encoder), and the
+paper's Moore-Penrose back-projection of the modulation (plain and filtered).
+
+Word attributions (:class:`WordExplainer`, :mod:`imrnns.explain.words`; the default of
+``imrnns explain``): the signed effect of each word of the query and of the document on the
+adapter's added score ``IMRNN - base``, by occlusion, integrated gradients, gradient x input
+through the encoder, or a first-order word-gradient estimate. Which of them names the words
+that really move the score is measured by ``python -m benchmarks.explain_faithfulness``
+(deleting each method's top words and re-encoding); :data:`FAITHFULNESS` holds its figures,
+which the explanations carry and the reports print.
+
+Back-projection (:class:`Explainer`, :func:`explain`):
 
 The paper's method (arXiv 2601.20084, section "Interpretability"; official ``adapter.py``):
 for a query q and a document d the adapter moves ``p(q)`` to ``q~`` and ``p(d)`` to ``d~``.
@@ -37,7 +48,9 @@ Modules:
   tables, :class:`CorpusVocabulary` (document frequencies, IDF);
 - :mod:`imrnns.explain.attribution`: :func:`projection_pinv`, :class:`Explainer`,
   :func:`explain` and their results, :class:`Explanation` and :class:`TokenScore`;
-- :mod:`imrnns.explain.rendering`: :func:`format_table` (terminal) and :func:`render_html`.
+- :mod:`imrnns.explain.rendering`: :func:`format_table` (terminal) and :func:`render_html`;
+- :mod:`imrnns.explain.words`: :class:`WordExplainer` (word attributions through the encoder);
+- :mod:`imrnns.explain.faithfulness`: :data:`FAITHFULNESS`, the benchmark's figures.
 
 The package imports neither :mod:`imrnns.model` nor :mod:`imrnns.index` (``IMRNN.explain``
 imports it); it checks their types without importing them.
@@ -51,16 +64,25 @@ from imrnns.explain.attribution import METHOD_FILTERED as METHOD_FILTERED
 from imrnns.explain.attribution import METHOD_PLAIN as METHOD_PLAIN
 from imrnns.explain.attribution import Explainer, Explanation, TokenScore, explain
 from imrnns.explain.attribution import projection_pinv as projection_pinv
+from imrnns.explain.faithfulness import FAITHFULNESS
 from imrnns.explain.rendering import format_table, render_html
-from imrnns.explain.vocabulary import STOP_WORDS, CorpusVocabulary
+from imrnns.explain.vocabulary import STOP_WORDS, CorpusVocabulary, delete_words, word_spans
+from imrnns.explain.words import DEFAULT_METHOD, WORD_METHODS, WordEffects, WordExplainer
 
 __all__ = [
+    "DEFAULT_METHOD",
+    "FAITHFULNESS",
     "STOP_WORDS",
+    "WORD_METHODS",
     "CorpusVocabulary",
     "Explainer",
     "Explanation",
     "TokenScore",
+    "WordEffects",
+    "WordExplainer",
+    "delete_words",
     "explain",
     "format_table",
     "render_html",
+    "word_spans",
 ]

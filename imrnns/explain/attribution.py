@@ -6,13 +6,13 @@ scores are ``cos(x, E_v)`` for every row ``E_v`` of the encoder's (V, n) input e
 table. The plain method ranks by ``|cos|``; the filter ranks the lexical, supported tokens
 by ``|cos| * idf`` (see :mod:`imrnns.explain`).
 
-Tested in ``tests/test_explain.py``.
+Tested in ``tests/explain/test_explain.py``.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from imrnns.explain._cache import _IdCache
+from imrnns.explain.faithfulness import FAITHFULNESS, score_meaning
 from imrnns.explain.vocabulary import STOP_WORDS, CorpusVocabulary, _token_info, _TokenInfo
 from imrnns_kernels._validation import check_finite, check_float, describe
 
@@ -96,8 +97,15 @@ class Explanation:
         score_delta: ``imrnn_score - base_score``, the modulation's contribution.
         query_delta: (m,) float32 CPU tensor ``q~ - p(q)``.
         document_delta: (m,) float32 CPU tensor ``d~ - p(d)``.
-        filtered: whether the spurious-token filter was on.
+        filtered: whether the spurious-token filter was on (back-projection only).
         query_text, document_text, document_id: what was explained, when known.
+        attribution: the word-attribution method (:mod:`imrnns.explain.words`) when the
+            tokens come from one; then each token is a word of the text and its ``score`` is
+            its signed effect on ``score_delta`` (the adapter's added score), and the deltas
+            are zeros. None: back-projection (tokens score by cosine).
+        faithfulness: the method's figures in the deletion benchmark
+            (:data:`imrnns.explain.faithfulness.FAITHFULNESS`), when it has been measured.
+        seconds: wall time of this explanation, when measured.
     """
 
     query_tokens: list[TokenScore]
@@ -111,9 +119,14 @@ class Explanation:
     query_text: str | None = None
     document_text: str | None = None
     document_id: str | None = None
+    attribution: str | None = None
+    faithfulness: Mapping[str, Any] | None = field(default=None, repr=False)
+    seconds: float | None = field(default=None, repr=False)
 
     @property
     def method(self) -> str:
+        if self.attribution is not None:
+            return self.attribution
         return METHOD_FILTERED if self.filtered else METHOD_PLAIN
 
     def to_dict(self, include_deltas: bool = False) -> dict[str, Any]:
@@ -128,7 +141,12 @@ class Explanation:
             "score_delta": self.score_delta,
             "query_tokens": [t.to_dict() for t in self.query_tokens],
             "document_tokens": [t.to_dict() for t in self.document_tokens],
+            "token_scores": score_meaning(self.attribution),
         }
+        if self.faithfulness is not None:
+            out["faithfulness"] = dict(self.faithfulness)
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
         if include_deltas:
             out["query_delta"] = self.query_delta.tolist()
             out["document_delta"] = self.document_delta.tolist()
@@ -556,6 +574,7 @@ class Explainer:
                 query_text=qt[i] if qt else None,
                 document_text=dt[i] if dt else None,
                 document_id=None if doc_ids is None else str(doc_ids[i]),
+                faithfulness=FAITHFULNESS.get(METHOD_FILTERED if filter else METHOD_PLAIN),
             )
             for i in range(b)
         ]

@@ -1,14 +1,14 @@
 """The tokenizer's vocabulary as the filter sees it: stop words, word splitting, token tables,
 and document frequencies over a corpus (:class:`CorpusVocabulary`).
 
-Tested in ``tests/test_explain.py``.
+Tested in ``tests/explain/test_explain.py``.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 
 from imrnns.explain._cache import _IdCache
 
-__all__ = ["STOP_WORDS", "CorpusVocabulary"]
+__all__ = ["STOP_WORDS", "CorpusVocabulary", "delete_words", "word_spans"]
 
 # NLTK's English list, plus the connectives and reporting verbs of scientific abstracts
 # ("furthermore", "demonstrated", "suggest": in SciFact they rank high on IDF yet say nothing
@@ -59,13 +59,12 @@ class _TokenInfo:
 _TOKEN_INFO: _IdCache = _IdCache()
 
 
-def _splitter(tokenizer: Any) -> Callable[[str], list[str]]:
-    """Text -> words, normalised as the tokenizer normalises (for BERT uncased: lowercase,
-    accents stripped), split on whitespace and punctuation: "COVID-19" -> ["covid", "19"].
-
-    The split is a regex rather than the tokenizer's pre-tokenizer: it is much cheaper per
-    text and gives the same words for the alphanumeric tokens the filter keeps.
-    """
+def _normaliser(tokenizer: Any) -> Callable[[str], str]:
+    """Text -> text normalised as the tokenizer normalises it (for BERT uncased: lowercase,
+    accents stripped); cached per tokenizer."""
+    hit = _NORMALISERS.get(tokenizer)
+    if hit is not None:
+        return hit
     backend = getattr(tokenizer, "backend_tokenizer", None)
     norm = getattr(backend, "normalizer", None)
     if norm is not None:
@@ -88,10 +87,64 @@ def _splitter(tokenizer: Any) -> Callable[[str], list[str]]:
         def normalise(text: str) -> str:
             return _fold(text, lower)
 
+    _NORMALISERS.put(tokenizer, normalise)
+    return normalise
+
+
+_NORMALISERS: _IdCache = _IdCache()
+
+
+def _splitter(tokenizer: Any) -> Callable[[str], list[str]]:
+    """Text -> words, normalised as the tokenizer normalises (for BERT uncased: lowercase,
+    accents stripped), split on whitespace and punctuation: "COVID-19" -> ["covid", "19"].
+
+    The split is a regex rather than the tokenizer's pre-tokenizer: it is much cheaper per
+    text and gives the same words for the alphanumeric tokens the filter keeps.
+    """
+    normalise = _normaliser(tokenizer)
+
     def split(text: str) -> list[str]:
         return _WORD_RE.findall(normalise(text))
 
     return split
+
+
+def word_spans(text: str, tokenizer: Any) -> list[tuple[int, int, str]]:
+    """Every word of ``text`` as ``(start, end, word)``: ``text[start:end]`` is the word as
+    written, ``word`` its normalised form (the words :func:`_splitter` gives, with their
+    character spans in the original text, so that they can be deleted from it).
+
+    A written word whose normalised form is not one word (a rare compatibility character)
+    keeps the letters and digits of that form, joined.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    normalise = _normaliser(tokenizer)
+    out: list[tuple[int, int, str]] = []
+    for m in _WORD_RE.finditer(text):
+        word = "".join(_WORD_RE.findall(normalise(m.group(0))))
+        if word:
+            out.append((m.start(), m.end(), word))
+    return out
+
+
+def delete_words(text: str, words: Collection[str], tokenizer: Any) -> str:
+    """``text`` with every occurrence of the given (normalised) words removed.
+
+    The characters around a removed word (spaces, punctuation) stay, so the other words keep
+    their spelling and their word boundaries; the tokenizer ignores the doubled spaces.
+    """
+    drop = set(words)
+    if not drop:
+        return text
+    parts: list[str] = []
+    pos = 0
+    for start, end, word in word_spans(text, tokenizer):
+        if word in drop:
+            parts.append(text[pos:start])
+            pos = end
+    parts.append(text[pos:])
+    return "".join(parts)
 
 
 def _fold(text: str, lower: bool = True) -> str:

@@ -1,11 +1,12 @@
-"""IMRNNIndex: a faiss first stage plus the fused IMRNN stage, faiss-style API.
+"""IMRNNIndex: an exact or faiss first stage plus the fused IMRNN stage, faiss-style API.
 
 Search for B queries, all batched (no per-query Python loop):
 
-1. First stage (faiss, :mod:`imrnns.index.first_stage`): the ``feedback_k`` nearest
-   documents by cosine of the base-encoder embeddings (``first_stage_space="base"``, the
-   official v0.2 evaluation) or of the projected ones (``"projected"``, the official v0.1
-   protocol); by default the one that matches the model's semantics. Flat (exact), IVF or HNSW.
+1. First stage (:mod:`imrnns.index.first_stage`): the ``feedback_k`` nearest documents by
+   cosine of the base-encoder embeddings (``first_stage_space="base"``, the official v0.2
+   evaluation) or of the projected ones (``"projected"``, the official v0.1 protocol); by
+   default the one that matches the model's semantics. Flat (exact; PyTorch, or faiss where
+   it measures faster; needs no faiss), IVF or HNSW (faiss).
 2. Query state: ``T_q = act(A_q(p(q)))``; the feedback set's document transforms are
    averaged (fused ``adapter_reduce``, from per-document results cached at ``add`` time when
    possible) and refine the query into ``q~``.
@@ -26,6 +27,7 @@ uses its public methods plus the shared checks here (:func:`check_search_args`,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 import imrnns_kernels
-from imrnns._atomic import resolve_directory
+from imrnns._atomic import read_directory
 from imrnns.checkpoints import load_pretrained
 from imrnns.index import first_stage as faiss_stage
 from imrnns.index import storage
@@ -136,7 +138,7 @@ def check_search_args(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    checks.check_k(k)
+    faiss_stage.check_k(k)
     kf_req = default_feedback_k if feedback_k is None else feedback_k
     if isinstance(kf_req, bool) or not isinstance(kf_req, int) or kf_req <= 0:
         raise ValueError(f"feedback_k must be a positive int, got {kf_req!r}")
@@ -155,7 +157,8 @@ class IMRNNIndex:
     Args:
         model: the adapter (its config decides modulation and aggregation).
         feedback_k: size of each query's feedback set F(q) (official default 100).
-        first_stage: ``"flat"`` (exact inner product), ``"ivf"`` or ``"hnsw"`` (faiss).
+        first_stage: ``"flat"`` (exact inner product; needs no faiss), ``"ivf"`` or
+            ``"hnsw"`` (faiss: the ``faiss`` or ``gpu`` extra; ImportError without it).
         storage_dtype: dtype of the projected corpus kept for the IMRNN stage (fp32/fp16/bf16).
         first_stage_space: ``"base"`` (cosine of base embeddings, the official v0.2
             evaluation), ``"projected"`` (``p(q) . p(d)``, the official v0.1 protocol: with it
@@ -195,6 +198,7 @@ class IMRNNIndex:
             raise ValueError(
                 f"first_stage must be one of {faiss_stage.FIRST_STAGES}, got {first_stage!r}"
             )
+        faiss_stage.require(first_stage)  # IVF/HNSW without faiss: ImportError naming the extra
         if first_stage_space not in faiss_stage.SPACES:
             raise ValueError(
                 f"first_stage_space must be one of {faiss_stage.SPACES}, got {first_stage_space!r}"
@@ -217,6 +221,7 @@ class IMRNNIndex:
         cfg = model.config
         self._corpus = torch.empty(0, cfg.working_dim, dtype=self.storage_dtype, device=self.device)
         self._doc_cache: torch.Tensor | None = None
+        # The first stage (first_stage.FlatStage or FaissStage), None until the first add.
         self._faiss: Any = None
         # Optional external document ids (e.g. BEIR corpus ids), parallel to positions.
         self.doc_ids: list[str] | None = None
@@ -253,6 +258,20 @@ class IMRNNIndex:
             self.cache_document_transforms and self.model.config.aggregation == "mean_of_transforms"
         )
 
+    @property
+    def first_stage_dim(self) -> int:
+        """d: the width of the first stage's vectors (n in the base space, m when projected)."""
+        cfg = self.model.config
+        return cfg.input_dim if self.first_stage_space == "base" else cfg.working_dim
+
+    @property
+    def document_cache_width(self) -> int | None:
+        """The per-document cache's width (OUT diagonal, h2 affine), or None: none is kept."""
+        if not self._uses_cache:
+            return None
+        cfg = self.model.config
+        return cfg.transform_dim if cfg.modulation == "diagonal" else cfg.hidden_dims[1]
+
     def settings(self) -> dict[str, Any]:
         """The constructor's keyword arguments that rebuild this index (as saved)."""
         return {
@@ -270,7 +289,7 @@ class IMRNNIndex:
 
     # ------------------------------------------------------------------ building
     def _new_first_stage(self, train: np.ndarray) -> Any:
-        """An empty faiss index of this index's kind (IVF trained on ``train``), on its device."""
+        """An empty first stage of this index's kind (IVF trained on ``train``), on its device."""
         if self.first_stage == "ivf":
             self.check_first_add(len(train))
             self.nlist = self.nlist or faiss_stage.auto_nlist(len(train))
@@ -305,7 +324,8 @@ class IMRNNIndex:
 
         Ids are consecutive positions: the first document ever added is 0. ``doc_ids``
         optionally names the documents (kept in :attr:`doc_ids`, saved with the index);
-        give them on every add or on none.
+        give them on every add or on none. Names are unique: one already in the index or
+        repeated within the call raises ValueError (naming a few) before anything changes.
         """
         x, was_numpy = as_float_tensor(embeddings, "embeddings")
         cfg = self.model.config
@@ -318,6 +338,8 @@ class IMRNNIndex:
                 raise ValueError(f"doc_ids must be {x.shape[0]} strings, one per embedding row")
         if (doc_ids is None) != (self.doc_ids is None) and self.ntotal > 0:
             raise ValueError("doc_ids must be given on every add() or on none")
+        if doc_ids is not None:
+            check_unique_doc_ids(doc_ids, self.doc_ids or ())
         if x.dim() != 2 or x.shape[1] != cfg.input_dim:
             raise ValueError(
                 f"embeddings must have shape (N, {cfg.input_dim}), got {tuple(x.shape)} ({x.dtype})"
@@ -377,20 +399,51 @@ class IMRNNIndex:
             **settings: the constructor's arguments (as :meth:`settings` returns them).
 
         N may be 0: an empty index (a shard that holds nothing).
+
+        Raises:
+            TypeError: a piece is not a float tensor / array.
+            ValueError: shapes disagree (N, m, d = the first stage's space, the cache's
+                width), or a row of any piece holds NaN/Inf (named by row).
         """
         index = cls(model, **settings)
-        n = int(projected.shape[0])
-        if projected.dim() != 2 or projected.shape[1] != model.config.working_dim:
+        cfg = model.config
+        if not isinstance(projected, torch.Tensor) or not projected.is_floating_point():
+            raise TypeError(f"projected must be a float tensor, got {_describe(projected)}")
+        n = int(projected.shape[0]) if projected.dim() > 0 else -1
+        if projected.dim() != 2 or projected.shape[1] != cfg.working_dim:
             raise ValueError(
-                f"projected must be (N, {model.config.working_dim}), got {tuple(projected.shape)}"
+                f"projected must be (N, {cfg.working_dim}), got {tuple(projected.shape)}"
             )
-        vectors = np.ascontiguousarray(first_stage_vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[0] != n:
-            raise ValueError(f"first_stage_vectors must be ({n}, d), got {vectors.shape}")
-        if document_cache is not None and document_cache.shape[0] != n:
-            raise ValueError(f"document_cache has {document_cache.shape[0]} rows for {n}")
+        vectors, _ = as_float_tensor(first_stage_vectors, "first_stage_vectors")
+        vectors = np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
+        d = index.first_stage_dim
+        if vectors.ndim != 2 or vectors.shape[0] != n or (n > 0 and vectors.shape[1] != d):
+            raise ValueError(
+                f"first_stage_vectors must be ({n}, {d}) (first_stage_space="
+                f"{index.first_stage_space!r}), got {vectors.shape}"
+            )
+        if document_cache is not None:
+            if not isinstance(document_cache, torch.Tensor) or not (
+                document_cache.is_floating_point()
+            ):
+                raise TypeError(
+                    f"document_cache must be a float tensor, got {_describe(document_cache)}"
+                )
+            width = index.document_cache_width
+            if (
+                document_cache.dim() != 2
+                or document_cache.shape[0] != n
+                or (width is not None and document_cache.shape[1] != width)
+            ):
+                raise ValueError(
+                    f"document_cache must be ({n}, {width}), got {tuple(document_cache.shape)}"
+                )
         if doc_ids is not None and len(doc_ids) != n:
             raise ValueError(f"doc_ids has {len(doc_ids)} names for {n} documents")
+        storage.check_rows_finite("projected", projected)
+        storage.check_rows_finite("first_stage_vectors", torch.from_numpy(vectors))
+        if document_cache is not None:
+            storage.check_rows_finite("document_cache", document_cache)
         index._corpus = projected.to(index.device, index.storage_dtype).contiguous()
         index._doc_cache = (
             None if document_cache is None else document_cache.to(index.device).contiguous()
@@ -418,19 +471,20 @@ class IMRNNIndex:
             queries: (B, n) float32 base-encoder queries (as :func:`check_queries` returns).
             projected: (B, m) their projections ``p(q)`` (read only when
                 ``first_stage_space="projected"``).
-            k: results per query, ``1 <= k <= ntotal``.
+            k: results per query, ``1 <= k <= first_stage.MAX_K`` (past ``ntotal``: padded;
+                the work follows ``min(k, ntotal)``).
 
         Returns:
             (scores (B, k) float32, ids (B, k) int64) on the index's device, best first,
-            ties by the lower id, ``-1`` padding where IVF/HNSW find fewer than k.
+            ties by the lower id, ``-inf`` / ``-1`` padding past ``ntotal`` or where IVF/HNSW
+            find fewer than k.
         """
         if self.first_stage_space == "base":
             space = torch.nn.functional.normalize(queries, dim=1)
         else:
             space = projected.float()
-        fs = np.ascontiguousarray(space.cpu().numpy(), dtype=np.float32)
-        scores, ids = faiss_stage.search_ties_by_lower_id(self._faiss, fs, k, self.ntotal)
-        return torch.from_numpy(scores).to(self.device), torch.from_numpy(ids).to(self.device)
+        scores, ids = self._faiss.search(space, k)
+        return scores.to(self.device), ids.to(self.device)
 
     @torch.no_grad()
     def first_stage_search(
@@ -438,9 +492,11 @@ class IMRNNIndex:
     ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
         """The first stage alone (the base retriever when ``first_stage_space="base"``).
 
-        Returns faiss's (scores (B, k), ids (B, k)), ``-1`` padded, same type as ``queries``.
+        Returns (scores (B, k), ids (B, k)) as :meth:`first_stage_topk` (``-inf`` / ``-1``
+        padded), same type as ``queries``. ``k`` up to ``first_stage.MAX_K`` (ValueError
+        above); only ``min(k, ntotal)`` results are computed.
         """
-        checks.check_k(k)
+        faiss_stage.check_k(k)
         q, was_numpy = check_queries(queries, self.ntotal, self.model.config.input_dim)
         q = q.to(self.device)
         pq = self.model.project(q) if self.first_stage_space == "projected" else q
@@ -569,17 +625,19 @@ class IMRNNIndex:
         valid = fs_ids >= 0
         safe_ids = torch.where(valid, fs_ids, torch.zeros_like(fs_ids))
         if mode == "exhaustive":
-            return imrnns_kernels.modulated_topk(
+            # The scan's running top-k is (B, k): past ntotal only the padding grows with k.
+            scores, ids = imrnns_kernels.modulated_topk(
                 self._corpus,
                 tq,
                 model.doc_norm.weight,
                 model.doc_norm.bias,
                 q_tilde,
-                k,
+                min(k, self.ntotal),
                 model.config.modulation,
                 model.config.layer_norm_eps,
                 workspace_bytes=workspace_bytes,
             )
+            return faiss_stage.pad(scores, ids, k)
         scores = model.score_ids(self._corpus, safe_ids, tq, q_tilde)
         scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
         return topk_by_score_then_id(scores, torch.where(valid, fs_ids, -1), k)
@@ -592,8 +650,16 @@ class IMRNNIndex:
         every file), ``adapter/`` (the model, as :meth:`IMRNN.save_pretrained`),
         ``corpus.safetensors`` (projected corpus, per-document cache), ``first_stage.faiss``.
         A failure at any point leaves the previous content of ``directory`` intact.
-        ``directory`` must be new, empty, or an index saved before (it is replaced as a
-        whole): a directory of other files raises ValueError.
+        ``directory`` must be new, empty, or an earlier index save (it is replaced as a
+        whole), recognised by content: its ``manifest.json`` is ours and it holds only the
+        files an index save writes. Anything else (a web folder with its own
+        ``manifest.json``, a directory of other files) raises ValueError naming the files
+        that would be lost, and nothing on disk changes. Concurrent saves to the same
+        directory each succeed in turn; a concurrent :meth:`load` reads one whole version.
+
+        The manifest's SHA-256 sums detect corruption (truncated files, flipped bytes, a file
+        of another save), not tampering: whoever can rewrite the files can rewrite the
+        manifest. :meth:`load` also checks what each file claims (see there).
         """
         directory = Path(directory)
         if self._faiss is None:
@@ -631,26 +697,66 @@ class IMRNNIndex:
                 the slice (0 .. hi - lo - 1). IVF/HNSW first stages are read whole once and
                 rebuilt over the slice (approximate: not equal to the saved one).
 
+        What is checked (:mod:`imrnns.index.storage`), before the data is used: the manifest
+        lists only the index's own file names (nothing outside ``directory`` is opened); each
+        file has the listed size and, with ``verify``, SHA-256; the corpus holds the promised
+        tensors, shapes and dtype and only finite rows (a NaN/Inf row is named); the faiss
+        file is the promised type, dimension, inner-product metric and size (from its
+        header, before faiss reads it). The SHA-256 sums detect corruption, not tampering:
+        these content checks bound what a rewritten index can do, they do not make an index
+        from an untrusted source trustworthy. A save swapping a new version in while this
+        reads makes the read start again (:func:`imrnns._atomic.read_directory`): the
+        result is one whole version, never a mix.
+
         Raises:
             FileNotFoundError: the directory or a file it lists is missing.
-            ValueError: a file is truncated or modified, or the pieces disagree.
+            ValueError: (``IndexError_``) a file is truncated, modified or not what the
+                manifest promises, or the pieces disagree; the message names the file.
         """
-        directory = resolve_directory(directory)
+
+        def read(found: Path) -> IMRNNIndex:
+            return cls._load_found(found, device, verify, rows)
+
+        return read_directory(directory, read)
+
+    @classmethod
+    def _load_found(
+        cls,
+        directory: Path,
+        device: str | torch.device | None,
+        verify: bool,
+        rows: tuple[int, int] | None,
+    ) -> IMRNNIndex:
+        """:meth:`load` of one resolved directory (no retry here)."""
         manifest = storage.read_manifest(directory, verify)
         model = load_pretrained(directory / "adapter")
-        if rows is not None:
-            return cls._load_rows(directory, manifest, model, rows, device)
         n = manifest["ntotal"]
-        index = cls._with_saved_settings(directory, model, manifest["index"], device or "cpu")
-        corpus, cache = storage.read_corpus(directory, n, model.config.working_dim)
+        place = (device or "cpu") if rows is None else "cpu"
+        index = cls._with_saved_settings(directory, model, manifest["index"], place)
+        expected = index._expected(n)
+        if rows is not None:
+            return cls._load_rows(directory, manifest, model, rows, device, expected)
+        corpus, cache = storage.read_corpus(directory, expected)
         index._corpus = corpus.to(index.device, index.storage_dtype)
         index._doc_cache = None if cache is None else cache.to(index.device)
-        index._faiss = faiss_stage.to_gpu(storage.read_first_stage(directory, n), index.device)
+        saved = storage.read_first_stage(directory, expected)
+        index._faiss = faiss_stage.to_gpu(saved, index.device)
         if "doc_ids.json" in manifest["files"]:
             index.doc_ids = storage.read_doc_ids(directory, n)
         if index.first_stage == "ivf":
             faiss_stage.set_nprobe(index._faiss, index.nprobe)
         return index
+
+    def _expected(self, ntotal: int) -> storage.Expected:
+        """What a saved index with these settings and ``ntotal`` documents must hold."""
+        return storage.Expected(
+            ntotal=ntotal,
+            working_dim=self.model.config.working_dim,
+            storage_dtype=self.storage_dtype,
+            cache_width=self.document_cache_width,
+            first_stage=self.first_stage,
+            first_stage_dim=self.first_stage_dim,
+        )
 
     @classmethod
     def _with_saved_settings(
@@ -672,6 +778,7 @@ class IMRNNIndex:
         model: IMRNN,
         rows: tuple[int, int],
         device: str | torch.device | None,
+        expected: storage.Expected,
     ) -> IMRNNIndex:
         """:meth:`load` of rows ``[lo, hi)`` (files already checked against the manifest)."""
         n = int(manifest["ntotal"])
@@ -685,8 +792,8 @@ class IMRNNIndex:
         lo, hi = int(rows[0]), int(rows[1])
         cfg = faiss_stage.settings_for_rows(manifest["index"], hi - lo)
         cls._with_saved_settings(directory, model, cfg, "cpu")  # checked before any work
-        corpus, cache = storage.read_corpus_rows(directory, lo, hi, model.config.working_dim)
-        saved = storage.read_first_stage(directory, n, mmap=cfg.get("first_stage") == "flat")
+        corpus, cache = storage.read_corpus(directory, expected, rows=(lo, hi))
+        saved = storage.read_first_stage(directory, expected, mmap=expected.first_stage == "flat")
         vectors = faiss_stage.reconstruct(saved, lo, hi)
         del saved
         names = None
@@ -701,6 +808,15 @@ class IMRNNIndex:
             device=device or "cpu",
             **cfg,
         )
+
+
+def _describe(x: Any) -> str:
+    """A value's type, dtype and shape for an error message."""
+    if isinstance(x, torch.Tensor):
+        return f"torch {x.dtype} {tuple(x.shape)}"
+    if isinstance(x, np.ndarray):
+        return f"numpy {x.dtype} {x.shape}"
+    return type(x).__name__
 
 
 def feedback_set(
@@ -725,6 +841,30 @@ def feedback_set(
         mask = valid.to(torch.float32)
         weights = mask if weights is None else weights * mask
     return valid, safe_ids, weights
+
+
+def check_unique_doc_ids(doc_ids: Sequence[str], known: Sequence[str]) -> None:
+    """Raise ValueError unless every name of ``doc_ids`` is new: not in ``known`` (the names
+    already held) and not repeated within ``doc_ids``. The message names up to five.
+
+    Costs one hash of each new name and one lookup per known name (no set of ``known`` kept).
+    """
+    new = set(doc_ids)
+    if len(new) != len(doc_ids):
+        seen: set[str] = set()
+        repeated = [d for d in doc_ids if d in seen or seen.add(d)]
+        raise ValueError(
+            f"doc_ids must be unique: {_a_few(list(dict.fromkeys(repeated)))} appear more "
+            "than once in this add()"
+        )
+    if not new.isdisjoint(known):
+        taken = [d for d in known if d in new]
+        raise ValueError(f"doc_ids must be new: {_a_few(taken)} already in the index")
+
+
+def _a_few(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
 
 
 def topk_by_score_then_id(
@@ -756,7 +896,7 @@ def shard_first_stage_over_gpus(index: IMRNNIndex) -> IMRNNIndex:
 
     For one process driving several GPUs; with one rank per GPU (torchrun), each rank's
     shard already moves to its own GPU when the index's device is CUDA. Only the guard is
-    tested (tests/test_distributed.py): the test machines have no GPU and no faiss-gpu.
+    tested (tests/retriever/test_distributed.py): the test machines have no GPU and no faiss-gpu.
 
     Raises:
         RuntimeError: faiss-gpu is not installed or sees fewer than two GPUs.

@@ -3,10 +3,10 @@
 Every rank holds a contiguous block of the corpus (projected rows, first-stage vectors and the
 per-document cache) in an ordinary :class:`~imrnns.index.IMRNNIndex`, and every search is a
 collective call that returns, on every rank, the result a single-process index over the whole
-corpus returns. For a block of B queries (DESIGN.md section 1 for the maths):
+corpus returns. For a block of B queries (docs/design.md section 1 for the maths):
 
 1. First stage, local: each rank searches its shard for the ``feedback_k`` best documents
-   (faiss), maps local positions to global ids, and an all-gather of (B, feedback_k) scores
+   (:mod:`imrnns.index.first_stage`), maps local positions to global ids, and an all-gather of (B, feedback_k) scores
    and ids gives every rank the global feedback set F(q): the top ``feedback_k`` of the union
    by (score descending, id ascending), the rule one index's first stage applies, so the set
    and its order equal the single-process ones even when duplicates tie at the boundary.
@@ -43,12 +43,21 @@ and with ``exchange="partial"``, scores agree to float32 rounding (about 1e-7) a
 except between documents whose scores are that close. IVF and HNSW first stages are built
 per shard and are approximate in their own way, so they do not equal one approximate index.
 
-Calls that touch several ranks (``add``, ``add_shard``, ``search``, ``doc_names``) must be
-made by every rank with the same arguments (``add_shard``: each rank its own rows). The
-arguments are checked first by a small all-gather, and a validation error on any rank is
-raised on every rank, so a bad call fails everywhere instead of leaving ranks waiting in a
-collective. A rank that dies mid-collective still blocks the others until the process group's
-timeout (``init_from_env(timeout=...)``); torchrun then ends the job.
+Calls that touch several ranks (``add``, ``add_shard``, ``search``, ``doc_names``, ``save``,
+``load``, the constructor) must be made by every rank with the same arguments (``add_shard``:
+each rank its own rows). Failures take one path (:class:`_Collectives`): every rank-local step
+between two collectives catches *any* exception, and the next collective carries one failure
+flag per rank (inside the data message of a search's all-gathers and all-reduces, so the
+happy path sends no extra message; a flag exchange of its own after a step that no collective
+follows). When a flag is set the ranks exchange the failed ranks' exception types and
+messages, then raise on every rank: the failed rank its own exception, the others the same
+built-in type with ``"rank R: Type: message"`` (and ``failed_rank`` set); ranks stay in step,
+so the index stays usable after a failed search. Every wait in a collective is bounded by the
+index's ``timeout`` (default 300 s): a rank that hangs raises ``TimeoutError`` on the others,
+a rank that dies raises ``RuntimeError`` at once (gloo) or at the timeout; after either the
+process group is out of step and the index refuses further calls. Ranks that resolve
+different versions of a saved index (one caught mid-swap) are refused at load by comparing
+the manifests' SHA-256.
 
 Launch with torchrun (see ``docs/distributed.md``)::
 
@@ -57,14 +66,16 @@ Launch with torchrun (see ``docs/distributed.md``)::
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import math
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -78,6 +89,7 @@ from imrnns.index.core import (
     IMRNNIndex,
     as_float_tensor,
     check_search_args,
+    check_unique_doc_ids,
     feedback_set,
     topk_by_score_then_id,
 )
@@ -88,10 +100,12 @@ from imrnns_kernels import _validation as checks
 from imrnns_kernels.dispatch import check_workspace_bytes
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "EXCHANGES",
     "DistributedIMRNNIndex",
     "init_from_env",
     "memory_per_rank",
+    "run_on_every_rank",
     "search_memory",
     "shard_bounds",
 ]
@@ -100,17 +114,26 @@ EXCHANGES = ("rows", "partial")
 # Largest single all-reduce message in the rows exchange; bounds the extra buffers NCCL/gloo
 # allocate for one call (a 4096-query block at feedback_k=100, m=256, fp32 is 420 MB).
 MAX_MESSAGE_BYTES = 64 << 20
+# Bound on every wait in a collective, and the process group's timeout from init_from_env:
+# long enough for a rank to load or add a large shard between two collectives, short enough
+# that a hung rank ends the job in minutes rather than torch's 10 (NCCL) or 30 (gloo).
+DEFAULT_TIMEOUT = timedelta(seconds=300)
+# timedelta's own limit is about 2.7e15 s; a year is more than any collective can need.
+MAX_TIMEOUT_S = 365 * 86400
+
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- process group
 def init_from_env(
-    backend: str = "auto", timeout: timedelta | None = None
+    backend: str = "auto", timeout: float | timedelta | None = DEFAULT_TIMEOUT
 ) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...).
 
     Args:
         backend: ``"nccl"``, ``"gloo"`` or ``"auto"`` (NCCL when CUDA is available, else gloo).
-        timeout: collective timeout (torch's default: 10 min for NCCL, 30 min for gloo).
+        timeout: the process group's collective timeout, seconds or a timedelta (default 300
+            s; None: torch's own, 10 min for NCCL and 30 min for gloo).
 
     Returns:
         (rank, world_size, device): the device is ``cuda:LOCAL_RANK`` for NCCL (and made
@@ -118,6 +141,8 @@ def init_from_env(
     """
     if backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
+    if timeout is not None:
+        timeout = as_timeout(timeout)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
@@ -145,6 +170,356 @@ def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n, world_size)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
+
+
+# --------------------------------------------------------------------------- failures and time
+def as_timeout(timeout: float | timedelta) -> timedelta:
+    """``timeout`` (seconds, or a timedelta) as a timedelta, checked: positive and finite."""
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(
+            f"timeout must be a number of seconds or a timedelta, got {type(timeout).__name__}"
+        )
+    else:
+        seconds = float(timeout)
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ValueError(
+            f"timeout must be a positive number of seconds up to {MAX_TIMEOUT_S}, got {timeout!r}"
+        )
+    return timedelta(seconds=seconds)
+
+
+def _describe(exc: BaseException) -> list[str]:
+    """[built-in class the other ranks raise, the exception's full type name, its message].
+
+    The built-in class is the first one in the exception's MRO that takes a message (so
+    ``except ValueError`` / ``except OSError`` still catch a peer's domain error); exceptions
+    with no such base (``SafetensorError``, ``KeyboardInterrupt``) arrive as RuntimeError.
+    """
+    kind = type(exc)
+    base = "RuntimeError"
+    for cls in kind.__mro__:
+        if cls.__module__ != "builtins" or cls is Exception or not issubclass(cls, Exception):
+            continue
+        try:
+            cls("probe")
+        except Exception:  # e.g. UnicodeDecodeError needs five arguments
+            continue
+        base = cls.__name__
+        break
+    name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        name = f"{kind.__module__}.{name}"
+    return [base, name, str(exc) or name]
+
+
+def _peer_error(rank: int, status: list[str], what: str, failed: list[int]) -> Exception:
+    """The exception a healthy rank raises for rank ``rank``'s failure ``status``."""
+    base, name, message = status
+    cls = getattr(builtins, base, RuntimeError)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = RuntimeError
+    also = f"; ranks {failed} failed" if len(failed) > 1 else ""
+    exc = cls(f"rank {rank}: {name}: {message} (in {what}{also})")
+    exc.failed_rank = rank  # type: ignore[attr-defined]
+    return exc
+
+
+def _note(exc: BaseException, text: str) -> None:
+    if hasattr(exc, "add_note"):  # Python >= 3.11
+        exc.add_note(text)
+
+
+class _Collectives:
+    """The collectives of one distributed index (or load) over ``group``, and its error path.
+
+    Every wait is bounded by ``timeout`` (async collectives waited on with that bound: gloo and
+    NCCL both raise when it passes). Every rank-local step between two collectives is wrapped:
+    a step followed by a data collective runs in :meth:`attempt`, which keeps an exception
+    and lets the rank join that collective with stand-in inputs of the same shapes; every data
+    collective (:meth:`gather`, :meth:`reduce_`) carries one failure flag per rank, so the
+    happy path costs no extra message. Any other step runs in :meth:`run`, which exchanges
+    the flags on their own. Only when a flag is set do the ranks exchange the failed ranks'
+    [type, name, message], then raise on every rank. So a failure on one rank never leaves
+    the others waiting in the next collective.
+
+    After a collective times out or loses a peer, or after a step that changed a rank's shard
+    (``breaks=True``) failed, the ranks' collectives or shards are out of step: ``broken``
+    says why, and every later collective raises RuntimeError at once.
+    """
+
+    def __init__(self, group: Any, timeout: float | timedelta) -> None:
+        self.group = group
+        self.timeout = as_timeout(timeout)
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.world_size = dist.get_world_size(group) if self.distributed else 1
+        backend = dist.get_backend(group) if self.distributed else "gloo"
+        # NCCL moves CUDA tensors only; gloo moves CPU tensors.
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
+        self.broken: str | None = None
+        # This rank's failed step (attempt), raised on every rank by the next collective.
+        self.failure: BaseException | None = None
+
+    # ------------------------------------------------------------------ bounded waits
+    def _usable(self, what: str) -> None:
+        if self.broken is not None:
+            raise RuntimeError(
+                f"rank {self.rank}: {what}: this distributed index can no longer be used "
+                f"({self.broken})"
+            )
+
+    def _wait(self, work: Any, what: str) -> None:
+        try:
+            done = work.wait(timeout=self.timeout)
+        except RuntimeError as exc:
+            seconds = self.timeout.total_seconds()
+            if "timed out" in str(exc).lower():
+                self.broken = f"{what} timed out after {seconds:g} s"
+                raise TimeoutError(
+                    f"rank {self.rank}: {what}: not every rank of the group joined within "
+                    f"{seconds:g} s (a rank died, hangs, or made another call); the process "
+                    "group is now out of step: end the job"
+                ) from exc
+            self.broken = f"{what} failed: {exc}"
+            raise RuntimeError(
+                f"rank {self.rank}: {what}: the collective failed ({exc}); the process "
+                "group is now out of step: end the job"
+            ) from exc
+        if done is False:  # a backend that reports the timeout instead of raising
+            self.broken = f"{what} timed out"
+            raise TimeoutError(f"rank {self.rank}: {what}: no answer within {self.timeout}")
+
+    # ------------------------------------------------------------------ the collectives
+    def all_gather(self, t: torch.Tensor, what: str) -> list[torch.Tensor]:
+        """Plain all-gather (no failure flag): the exchanges of the error path itself."""
+        if not self.distributed:
+            return [t]
+        self._usable(what)
+        src = t.to(self.device).contiguous()
+        out = [torch.empty_like(src) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(out, src, group=self.group, async_op=True), what)
+        return [o.to(t.device) for o in out]
+
+    def gather(self, tensors: Sequence[torch.Tensor], what: str) -> list[list[torch.Tensor]]:
+        """Every rank's ``tensors`` (same shapes and dtypes on every rank), in rank order.
+
+        One all-gather of their bytes plus this rank's failure flag (one byte); raises on
+        every rank when a rank's step before it failed (:meth:`attempt`).
+        """
+        if not self.distributed:
+            return [list(tensors)]
+        self._usable(what)
+        flag = torch.tensor([int(self.failure is not None)], dtype=torch.uint8)
+        parts = [t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors]
+        src = torch.cat([p.to(self.device) for p in parts] + [flag.to(self.device)])
+        out = [torch.empty_like(src) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(out, src, group=self.group, async_op=True), what)
+        self.settle(what, torch.stack([o[-1] for o in out]).tolist())
+        gathered = []
+        for o in out:
+            pieces, lo = [], 0
+            for t in tensors:
+                size = t.numel() * t.element_size()
+                # clone: a view of another dtype needs an aligned start
+                piece = o[lo : lo + size].clone().view(t.dtype).view(t.shape).to(t.device)
+                pieces.append(piece)
+                lo += size
+            gathered.append(pieces)
+        return gathered
+
+    def reduce_(self, tensors: Sequence[torch.Tensor], what: str, exact: bool) -> None:
+        """In-place sum over ranks of contiguous ``tensors``, with the ranks' failure flags.
+
+        ``exact``: one-owner tables (each slot non-zero on one rank at most), summed on their
+        bytes (``uint8``), so bit-exact for every dtype (x + 0 = x). Otherwise a float sum
+        (the partial means). Messages are at most ``MAX_MESSAGE_BYTES``; the flags (one slot
+        per rank, so their sum says which ranks failed) ride with the last one. Raises on
+        every rank when a rank's step before it failed (:meth:`attempt`).
+        """
+        if not self.distributed:
+            return
+        self._usable(what)
+        flat = [t.view(-1).view(torch.uint8) if exact else t.view(-1) for t in tensors]
+        dtype = flat[0].dtype if flat else torch.uint8
+        flags = torch.zeros(self.world_size, dtype=dtype)
+        flags[self.rank] = int(self.failure is not None)
+        per = max(1, MAX_MESSAGE_BYTES // flags.element_size())  # elements per message
+        parts = [f[lo : lo + per] for f in flat for lo in range(0, f.numel(), per)]
+        # Consecutive parts share a message up to `per` elements (small tables: one message);
+        # the flags join the last message (alone when there is nothing else to sum).
+        messages: list[list[torch.Tensor]] = [[]]
+        size = 0
+        for part in parts:
+            if messages[-1] and size + part.numel() > per:
+                messages.append([])
+                size = 0
+            messages[-1].append(part)
+            size += part.numel()
+        for i, message in enumerate(messages):
+            last = i == len(messages) - 1
+            pieces = [part.to(self.device) for part in message]
+            if last:
+                pieces.append(flags.to(self.device))
+            src = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            self._wait(dist.all_reduce(src, group=self.group, async_op=True), what)
+            lo = 0
+            for part in message:
+                got = src[lo : lo + part.numel()]
+                if got.data_ptr() != part.data_ptr():  # in place when the message was the part
+                    part.copy_(got)
+                lo += part.numel()
+            if last:
+                flags = src[lo:]
+        self.settle(what, [int(f) for f in flags.tolist()])
+
+    def _gather_bytes(self, data: bytes, what: str, root_only: bool) -> list[memoryview]:
+        """Every rank's ``data`` (on every rank, or on group rank 0 only), bounded waits."""
+        sizes = [
+            int(s) for s in self.all_gather(torch.tensor([len(data)], dtype=torch.int64), what)
+        ]
+        buf = torch.zeros(max(1, *sizes), dtype=torch.uint8)
+        buf.numpy()[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+        if root_only:
+            src = buf.to(self.device)
+            out = (
+                [torch.empty_like(src) for _ in range(self.world_size)] if self.rank == 0 else None
+            )
+            root = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+            work = dist.gather(src, out, dst=root, group=self.group, async_op=True)
+            self._wait(work, what)
+            parts = [o.cpu() for o in out] if out is not None else []
+        else:
+            parts = self.all_gather(buf, what)
+        return [memoryview(p.numpy())[:size] for p, size in zip(parts, sizes, strict=False)]
+
+    def gather_json(self, obj: Any, what: str) -> list[Any]:
+        """Every rank's JSON-able ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [json.loads(json.dumps(obj))]
+        self._usable(what)
+        parts = self._gather_bytes(json.dumps(obj).encode(), what, root_only=False)
+        return [json.loads(bytes(p)) for p in parts]
+
+    def gather_to_root(self, obj: Any, what: str) -> list[Any]:
+        """Every rank's ``obj`` (pickled, as ``gather_object``) on group rank 0; [] elsewhere."""
+        if not self.distributed:
+            return [obj]
+        self._usable(what)
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        parts = self._gather_bytes(data, what, root_only=True)
+        del data
+        # The ranks of one process group trust each other (as torch's gather_object does).
+        return [pickle.loads(p) for p in parts]
+
+    # ------------------------------------------------------------------ the error path
+    def attempt(self, step: Callable[[], _T], fallback: Callable[[], _T]) -> _T:
+        """``step()``, or, if it raises, ``fallback()`` (inputs of the same shapes for the next
+        collective) with the exception kept: that collective carries this rank's failure flag
+        and raises on every rank (:meth:`gather`, :meth:`reduce_`). So a step followed by a
+        data collective costs no exchange of its own. Without a group, ``step()``."""
+        if not self.distributed:
+            return step()
+        try:
+            return step()
+        except BaseException as exc:  # any failure: reported to every rank, re-raised here
+            self.failure = exc
+            return fallback()
+
+    def settle(self, what: str, flags: list[int], breaks: bool = False) -> None:
+        """After a collective that carried the ranks' failure flags: when any is set, exchange
+        the failed ranks' [type, name, message] and raise on every rank (the failed rank its
+        own exception, the others :func:`_peer_error`)."""
+        if not any(flags):
+            return
+        err, self.failure = self.failure, None
+        statuses = self.gather_json(None if err is None else _describe(err), what)
+        self._raise(what, err, statuses, breaks)
+
+    def _raise(
+        self, what: str, err: BaseException | None, statuses: list[Any], breaks: bool
+    ) -> None:
+        failed = [r for r, st in enumerate(statuses) if st is not None]
+        if not failed:
+            return
+        if breaks:
+            self.broken = (
+                f"{what} failed on ranks {failed} after some ranks had changed their shards; "
+                "build or load the index again"
+            )
+        if err is not None:
+            _note(err, f"(rank {self.rank} of {self.world_size}, in {what}; every rank raised)")
+            err.failed_rank = self.rank  # type: ignore[union-attr]
+            raise err
+        raise _peer_error(failed[0], statuses[failed[0]], what, failed)
+
+    def run(
+        self,
+        what: str,
+        step: Callable[[], _T],
+        *,
+        signature: str | None = None,
+        breaks: bool = False,
+    ) -> _T:
+        """Run the rank-local ``step`` on every rank; if it raised on any rank, raise on all.
+
+        For a step that no data collective follows: the ranks exchange their failure flags
+        (one all-gather of world_size x 8 bytes) and, only when one is set, the failed
+        ranks' [type, name, message].
+
+        Args:
+            what: the call, for messages (``"search()"``).
+            step: the work this rank does before the next collective.
+            signature: when given, the call's arguments must match across ranks (compared
+                in the same exchange, which then always carries the statuses).
+            breaks: ``step`` changes this rank's shard, so a failure on any rank leaves the
+                shards inconsistent: the index refuses further calls.
+        """
+        result: Any = self.attempt(step, lambda: None)
+        if not self.distributed:
+            return result
+        if signature is None:
+            flags = self.all_gather(torch.tensor([int(self.failure is not None)]), what)
+            self.settle(what, [int(f) for f in flags], breaks)
+            return result
+        err, self.failure = self.failure, None
+        pairs = self.gather_json([signature, None if err is None else _describe(err)], what)
+        self._raise(what, err, [p[1] for p in pairs], breaks)
+        signatures = [p[0] for p in pairs]
+        if len(set(signatures)) > 1:
+            ranks = [r for r, s in enumerate(signatures) if s != signatures[0]]
+            raise ValueError(
+                f"{what}: ranks {ranks} were called with arguments that differ from rank 0's: "
+                "every rank must make the same call"
+            )
+        return result
+
+    def agree(self, what: str, value: str) -> list[int]:
+        """Ranks whose ``value`` differs from rank 0's (none: [])."""
+        values = self.gather_json(value, what)
+        return [r for r, v in enumerate(values) if v != values[0]]
+
+
+def run_on_every_rank(
+    what: str,
+    step: Callable[[], _T],
+    *,
+    group: Any = None,
+    timeout: float | timedelta = DEFAULT_TIMEOUT,
+) -> _T:
+    """Run ``step`` on every rank of ``group``; if it raises on any rank, raise on every rank.
+
+    For rank-local work between collectives outside an index (the command line encodes its
+    shard with this): the failed rank re-raises its own exception, the others the same
+    built-in type with ``"rank R: Type: message"``; the exchange waits at most ``timeout``.
+    Without a process group, ``step()``.
+    """
+    return _Collectives(group, timeout).run(what, step)
 
 
 # --------------------------------------------------------------------------- memory model
@@ -248,6 +623,9 @@ class DistributedIMRNNIndex:
             because batched per-query kernels (MKL GEMV/GEMM) can round a row differently in
             another batch shape.
         device: where this rank's shard lives (default: the model's device).
+        timeout: bound on every wait in this index's collectives, seconds or a timedelta
+            (default 300 s): a rank that does not join in time raises ``TimeoutError`` on
+            the others. A failure on any rank is raised on every rank (module docstring).
         **index_kwargs: the other keyword arguments of :class:`~imrnns.index.IMRNNIndex`.
     """
 
@@ -262,30 +640,30 @@ class DistributedIMRNNIndex:
         exchange: str = "rows",
         query_block: int | None = None,
         device: str | torch.device | None = None,
+        timeout: float | timedelta = DEFAULT_TIMEOUT,
         **index_kwargs: Any,
     ) -> None:
-        if exchange not in EXCHANGES:
-            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-        if query_block is not None and (
-            isinstance(query_block, bool) or not isinstance(query_block, int) or query_block <= 0
-        ):
-            raise ValueError(f"query_block must be a positive int or None, got {query_block!r}")
-        self.query_block = query_block
-        self.local = IMRNNIndex(
-            model, feedback_k, first_stage, storage_dtype, device=device, **index_kwargs
-        )
-        self.exchange = exchange
+        self._comm = _Collectives(group, timeout)
         self.group = group
-        self._distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank(group) if self._distributed else 0
-        self.world_size = dist.get_world_size(group) if self._distributed else 1
-        backend = dist.get_backend(group) if self._distributed else "gloo"
-        # NCCL moves CUDA tensors only; gloo moves CPU tensors.
-        self._comm_device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if backend == "nccl"
-            else torch.device("cpu")
-        )
+        self.rank = self._comm.rank
+        self.world_size = self._comm.world_size
+        self.exchange = exchange
+        self.query_block = query_block
+
+        def build() -> IMRNNIndex:
+            if exchange not in EXCHANGES:
+                raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+            if query_block is not None and (
+                isinstance(query_block, bool)
+                or not isinstance(query_block, int)
+                or query_block <= 0
+            ):
+                raise ValueError(f"query_block must be a positive int or None, got {query_block!r}")
+            return IMRNNIndex(
+                model, feedback_k, first_stage, storage_dtype, device=device, **index_kwargs
+            )
+
+        self.local = self._comm.run("DistributedIMRNNIndex()", build)
         self._gids = torch.empty(0, dtype=torch.int64, device=self.local.device)
         self._ntotal = 0
         self._named: bool | None = None
@@ -337,77 +715,25 @@ class DistributedIMRNNIndex:
         )
 
     # ------------------------------------------------------------------ collectives
-    def _gather_object(self, obj: Any) -> list[Any]:
-        if not self._distributed:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+    # All through self._comm: every wait bounded by the timeout, one error path (_Collectives).
+    def _gather_object(self, obj: Any, what: str = "exchange") -> list[Any]:
+        return self._comm.gather_json(obj, what)
 
-    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        if not self._distributed:
-            return [t]
-        src = t.to(self._comm_device).contiguous()
-        out = [torch.empty_like(src) for _ in range(self.world_size)]
-        dist.all_gather(out, src, group=self.group)
-        return [o.to(t.device) for o in out]
-
-    def _all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """In-place sum over ranks (float32 partial sums and one-owner tables)."""
-        if not self._distributed:
-            return t
-        src = t.to(self._comm_device)
-        dist.all_reduce(src, group=self.group)
-        if src is not t:
-            t.copy_(src)
-        return t
-
-    def _all_reduce_exact_(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of one-owner tables on their bytes: exact for any dtype (x + 0 = x bitwise)."""
-        if not self._distributed:
-            return t
-        flat = t.contiguous().view(-1).view(torch.uint8)
-        for lo in range(0, flat.numel(), MAX_MESSAGE_BYTES):
-            part = flat[lo : lo + MAX_MESSAGE_BYTES]
-            src = part.to(self._comm_device)
-            dist.all_reduce(src, group=self.group)
-            if src is not part:
-                part.copy_(src)
-        return t
+    def _step(self, what: str, fn: Callable[[], _T], breaks: bool = False) -> _T:
+        """Rank-local work between two collectives: a failure on any rank raises on all."""
+        return self._comm.run(what, fn, breaks=breaks)
 
     def _agree(self, what: str, signature: str) -> None:
-        sigs = self._gather_object(signature)
-        if len(set(sigs)) > 1:
-            ranks = [r for r, s in enumerate(sigs) if s != sigs[0]]
+        ranks = self._comm.agree(what, signature)
+        if ranks:
             raise ValueError(
                 f"{what} differ across ranks (ranks {ranks} disagree with rank 0): every rank "
                 "must make the same call"
             )
 
-    def _checked(self, what: str, signature: str, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` everywhere; raise on every rank if it failed on any or arguments differ.
-
-        Without this, a rank whose validation failed would leave the others waiting in the
-        next collective until the group's timeout.
-        """
-        result, err = None, None
-        try:
-            result = fn()
-        except (ValueError, TypeError, FileNotFoundError) as exc:
-            err = exc
-        status = None if err is None else (type(err).__name__, str(err))
-        gathered = self._gather_object((signature, status))
-        if err is not None:
-            raise err
-        _raise_other_ranks_error([st for _, st in gathered])
-        sigs = [s for s, _ in gathered]
-        if len(set(sigs)) > 1:
-            ranks = [r for r, s in enumerate(sigs) if s != sigs[0]]
-            raise ValueError(
-                f"{what}: ranks {ranks} were called with arguments that differ from rank 0's: "
-                "every rank must make the same call"
-            )
-        return result
+    def _checked(self, what: str, signature: str, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` everywhere; raise on every rank if it failed on any or arguments differ."""
+        return self._comm.run(what, fn, signature=signature)
 
     def _settings_signature(self) -> str:
         h = hashlib.sha256()
@@ -426,6 +752,9 @@ class DistributedIMRNNIndex:
         """Collective: every rank passes the same (N, n) batch and keeps its block of it.
 
         Returns the global ids of the batch (same type as given), as ``IMRNNIndex.add``.
+        ``doc_ids`` must be new to the whole index and unique within the batch: every rank
+        checks the whole batch against its own shard's names, and a refusal on any rank is
+        raised on all (ValueError naming a few), before anything changes.
         """
 
         def validate() -> tuple[torch.Tensor, bool]:
@@ -439,8 +768,12 @@ class DistributedIMRNNIndex:
         n = x.shape[0]
         lo, hi = shard_bounds(n, self.world_size, self.rank)
         start = self._ntotal
-        if hi > lo:
-            self.local.add(x[lo:hi], None if doc_ids is None else list(doc_ids[lo:hi]))
+
+        def add_block() -> None:
+            if hi > lo:
+                self.local.add(x[lo:hi], None if doc_ids is None else list(doc_ids[lo:hi]))
+
+        self._step("add()", add_block, breaks=True)
         self._extend(start + lo, start + hi, n, doc_ids is not None)
         ids = torch.arange(start, start + n, dtype=torch.int64)
         return ids.numpy() if was_numpy else ids
@@ -452,7 +785,10 @@ class DistributedIMRNNIndex:
 
         Global ids follow rank order: rank 0's rows first, then rank 1's, and so on; equal to
         one index that added the ranks' batches concatenated in rank order. Returns this
-        rank's global ids (same type as given).
+        rank's global ids (same type as given). ``doc_ids`` are checked on each rank against
+        that rank's own names and within its own rows (a refusal is raised on every rank);
+        a name another rank holds or passes is not detected (that would need every name
+        gathered), so names must not repeat across ranks' calls.
         """
         sig = "add_shard"  # the rows differ by design; the call itself must match
 
@@ -463,13 +799,17 @@ class DistributedIMRNNIndex:
             return x, was_numpy
 
         x, was_numpy = self._checked("add_shard()", sig, validate)
-        counts = [int(c) for c in self._gather_object(int(x.shape[0]))]
-        named = self._gather_object(doc_ids is not None)
-        if len(set(named)) > 1:
+        shapes = self._gather_object([int(x.shape[0]), doc_ids is not None], "add_shard()")
+        counts = [int(c) for c, _ in shapes]
+        if len({bool(named) for _, named in shapes}) > 1:
             raise ValueError("doc_ids must be given on every rank or on none")
         start = self._ntotal + sum(counts[: self.rank])
-        if x.shape[0] > 0:
-            self.local.add(x, None if doc_ids is None else list(doc_ids))
+
+        def add_rows() -> None:
+            if x.shape[0] > 0:
+                self.local.add(x, None if doc_ids is None else list(doc_ids))
+
+        self._step("add_shard()", add_rows, breaks=True)
         self._extend(start, start + x.shape[0], sum(counts), doc_ids is not None)
         ids = torch.arange(start, start + x.shape[0], dtype=torch.int64)
         return ids.numpy() if was_numpy else ids
@@ -496,6 +836,8 @@ class DistributedIMRNNIndex:
             raise ValueError(f"doc_ids must be {x.shape[0]} strings, one per embedding row")
         if self._named is not None and self._named != (doc_ids is not None):
             raise ValueError("doc_ids must be given on every add() or on none")
+        if doc_ids is not None:
+            check_unique_doc_ids(doc_ids, self.local.doc_ids or ())
         return x, was_numpy
 
     def _extend(self, lo: int, hi: int, added: int, named: bool) -> None:
@@ -514,6 +856,7 @@ class DistributedIMRNNIndex:
         exchange: str = "rows",
         query_block: int | None = None,
         device: str | torch.device | None = None,
+        timeout: float | timedelta = DEFAULT_TIMEOUT,
     ) -> DistributedIMRNNIndex:
         """Collective: shard an in-memory single-process index that every rank holds.
 
@@ -526,20 +869,25 @@ class DistributedIMRNNIndex:
             exchange=exchange,
             query_block=query_block,
             device=device or index.device,
+            timeout=timeout,
             **cfg,
         )
         lo, hi = shard_bounds(index.ntotal, out.world_size, out.rank)
         cache = index.document_cache
         names = index.doc_ids
-        local = IMRNNIndex.from_parts(
-            index.model,
-            index.projected_corpus[lo:hi],
-            index.first_stage_vectors(lo, hi),
-            document_cache=None if cache is None else cache[lo:hi],
-            doc_ids=None if names is None else names[lo:hi],
-            device=out.device,
-            **settings_for_rows(cfg, hi - lo),
-        )
+
+        def block() -> IMRNNIndex:
+            return IMRNNIndex.from_parts(
+                index.model,
+                index.projected_corpus[lo:hi],
+                index.first_stage_vectors(lo, hi),
+                document_cache=None if cache is None else cache[lo:hi],
+                doc_ids=None if names is None else names[lo:hi],
+                device=out.device,
+                **settings_for_rows(cfg, hi - lo),
+            )
+
+        local = out._step("from_index()", block)
         out._install(local, lo, index.ntotal, names is not None)
         return out
 
@@ -553,44 +901,60 @@ class DistributedIMRNNIndex:
         query_block: int | None = None,
         device: str | torch.device | None = None,
         verify: bool = True,
+        timeout: float | timedelta = DEFAULT_TIMEOUT,
     ) -> DistributedIMRNNIndex:
         """Collective: each rank loads only its block of an index saved by ``IMRNNIndex.save``.
 
         The projected corpus and the cache are read by slice (safetensors), a flat first stage
         through a memory map, so no rank holds the whole corpus. IVF/HNSW first stages are
         read whole once, then rebuilt per shard (approximate: not equal to the saved one).
+        Every rank hashes the manifest it read (SHA-256) before and after reading its block,
+        and the ranks compare the hashes, so ranks that resolved different versions of
+        ``directory`` (one of them caught while a save replaced it) never mix their shards.
 
         Raises:
             FileNotFoundError / ValueError: as ``IMRNNIndex.load`` (missing, truncated or
             tampered files, checked against the manifest's sizes and SHA-256), on every rank.
+            IndexError_ (a ValueError): the ranks read different manifests, or the directory
+            was replaced while a rank read it (load again), on every rank.
         """
         directory = Path(directory)
+        comm = _Collectives(group, timeout)
 
-        def read() -> tuple[dict[str, Any], Path]:
+        def read() -> tuple[dict[str, Any], Path, str | None]:
             d = resolve_directory(directory)
-            return _read_manifest(d, verify), d
+            digest = _manifest_digest(d)
+            manifest = _read_manifest(d, verify)
+            _check_unchanged(d, digest, comm.rank)
+            return manifest, d, digest
 
-        sig = str(directory)
-        joined = dist.is_available() and dist.is_initialized()
-        manifest, d = _run_everywhere("load()", sig, read, group) if joined else read()
+        manifest, d, digest = comm.run("load()", read, signature=str(directory))
+        differ = comm.agree("load()", str(digest))
+        if differ:
+            raise IndexError_(
+                f"{directory}: ranks {differ} read another version of the index than rank 0 "
+                f"(this rank, {comm.rank}, read the manifest with SHA-256 {digest}): the "
+                "directory was replaced while the ranks opened it; load again"
+            )
         cfg = dict(manifest["index"])
         n = int(manifest["ntotal"])
         # Every rank's block, read by slice; the files were checked on every rank above.
-        world = dist.get_world_size(group) if joined else 1
-        rank = dist.get_rank(group) if joined else 0
-        lo, hi = shard_bounds(n, world, rank)
+        lo, hi = shard_bounds(n, comm.world_size, comm.rank)
 
         def read_block() -> IMRNNIndex:
-            return IMRNNIndex.load(d, device=device or "cpu", verify=False, rows=(lo, hi))
+            local = IMRNNIndex.load(d, device=device or "cpu", verify=False, rows=(lo, hi))
+            _check_unchanged(d, digest, comm.rank)
+            return local
 
         # A block that fails to read on one rank raises on every rank (no rank left waiting).
-        local = _run_everywhere("load()", sig, read_block, group) if world > 1 else read_block()
+        local = comm.run("load()", read_block)
         out = cls(
             local.model,
             group=group,
             exchange=exchange,
             query_block=query_block,
             device=device or "cpu",
+            timeout=timeout,
             **cfg,
         )
         out._install(local, lo, n, "doc_ids.json" in manifest["files"])
@@ -620,43 +984,29 @@ class DistributedIMRNNIndex:
                 raise ValueError("the index is empty: nothing to save")
             check_replaceable(directory, "manifest.json")
 
-        self._checked("save()", str(directory), validate)
-        cache = self.local.document_cache
-        piece = (
-            self._gids.cpu(),
-            self.local.projected_corpus.detach().cpu(),
-            None if cache is None else cache.detach().cpu(),
-            self.local.first_stage_vectors(),
-            self.local.doc_ids if self._named else None,
-        )
-        pieces = self._gather_to_root(piece)
-        err: BaseException | None = None
-        if self.rank == 0:
-            try:
-                self._assemble(pieces).save(directory)
-            except (ValueError, TypeError, OSError) as exc:
-                err = exc
-        status = self._gather_object(None if err is None else (type(err).__name__, str(err)))
-        if err is not None:
-            raise err
-        if status[0] is not None:
-            exc_type = {
-                "TypeError": TypeError,
-                "FileNotFoundError": FileNotFoundError,
-                "PermissionError": PermissionError,
-                "OSError": OSError,
-            }.get(status[0][0], ValueError)
-            raise exc_type(f"rank 0: saving {directory} failed: {status[0][1]}")
-        return directory
+        what = f"save() of {directory}"
+        self._checked(what, str(directory), validate)
 
-    def _gather_to_root(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` on rank 0 (group rank 0), in rank order; [] elsewhere."""
-        if not self._distributed:
-            return [obj]
-        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-        root = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        dist.gather_object(obj, out, dst=root, group=self.group)
-        return out or []
+        def piece() -> tuple[Any, ...]:
+            cache = self.local.document_cache
+            return (
+                self._gids.cpu(),
+                self.local.projected_corpus.detach().cpu(),
+                None if cache is None else cache.detach().cpu(),
+                self.local.first_stage_vectors(),
+                self.local.doc_ids if self._named else None,
+            )
+
+        pieces = self._comm.gather_to_root(self._step(what, piece), what)
+
+        def write() -> None:
+            if self.rank == 0:
+                self._assemble(pieces).save(directory)
+
+        # Any failure of rank 0's write (a full disk in faiss's write_index is a
+        # RuntimeError) is raised on every rank.
+        self._step(what, write)
+        return directory
 
     def _assemble(self, pieces: list[Any]) -> IMRNNIndex:
         """One single-process index from the ranks' (gids, corpus, cache, vectors, names)."""
@@ -753,9 +1103,13 @@ class DistributedIMRNNIndex:
         owned = self._gids[pos] == ids
         return owned, torch.where(owned, pos, torch.zeros_like(pos))
 
-    def _global_first_stage(
+    # Each search block alternates rank-local steps (self._step: a failure on any rank raises
+    # on every rank) and collectives; every collective is preceded by the step computing its
+    # input, and the block ends with a step, so no rank is left waiting or returns alone.
+    def _local_first_stage(
         self, q: torch.Tensor, pq: torch.Tensor, kf: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This shard's top ``kf``: (B, kf) float32 scores and global ids, -inf / -1 padded."""
         b = q.shape[0]
         scores = torch.full((b, kf), float("-inf"), device=self.device)
         ids = torch.full((b, kf), -1, dtype=torch.int64, device=self.device)
@@ -765,59 +1119,141 @@ class DistributedIMRNNIndex:
             ok = li >= 0
             scores[:, :kl] = torch.where(ok, ls.float(), torch.full_like(ls.float(), float("-inf")))
             ids[:, :kl] = torch.where(ok, self._gids[li.clamp(min=0)], torch.full_like(li, -1))
-        all_s = torch.cat(self._all_gather(scores), dim=1)
-        all_i = torch.cat(self._all_gather(ids), dim=1)
-        # The global top-kf by (score descending, id ascending): the rule the single-process
-        # first stage applies (first_stage.search_ties_by_lower_id), and each shard's own list
-        # obeys it, so the union holds every winner. Padding (-inf, -1) sorts last.
+        return scores, ids
+
+    @staticmethod
+    def _merge_first_stage(
+        all_s: torch.Tensor, all_i: torch.Tensor, kf: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global top-kf of the ranks' (B, world x kf) lists."""
+        # By (score descending, id ascending): the rule the single-process first stage applies
+        # (imrnns.index.first_stage), and each shard's own list obeys it, so the
+        # union holds every winner. Padding (-inf, -1) sorts last.
         key = torch.where(all_i < 0, torch.iinfo(torch.int64).max, all_i)
         by_id = torch.argsort(key, dim=1, stable=True)
         s, i = all_s.gather(1, by_id), all_i.gather(1, by_id)
         keep = torch.argsort(s, dim=1, descending=True, stable=True)[:, :kf]
         return s.gather(1, keep), i.gather(1, keep)
 
-    def _gather_rows(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(B, K, D) rows of the global ``ids``, assembled on every rank, bit-exact."""
+    def _owned_rows(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, K, D): the rows of the global ``ids`` this rank owns, zeros elsewhere (the
+        input of the exact one-owner all-reduce that assembles them on every rank)."""
         owned, lpos = self._locate(ids)
         out = torch.zeros(*ids.shape, table.shape[1], dtype=table.dtype, device=table.device)
         if bool(owned.any()):
             out[owned] = table[lpos[owned]]
-        return self._all_reduce_exact_(out)
+        return out
 
     def _search_chunk(
         self, q: torch.Tensor, k: int, mode: str, kf: int, workspace_bytes: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One block of ``IMRNNIndex.search`` (first stage, query state, scoring), step for
-        step, over the global corpus."""
-        q = q.to(self.device)
-        model = self.model
-        pq = model.project(q)
-        fs_scores, fs_ids = self._global_first_stage(q, pq, kf)
-        valid, safe_ids, weights = feedback_set(model, fs_scores, fs_ids)
+        step, over the global corpus.
+
+        Each rank-local step runs in ``attempt`` with a stand-in of the same shapes for the
+        collective after it, which carries the ranks' failure flags (``_Collectives``)."""
+        what, model, comm, dev = "search()", self.model, self._comm, self.device
+        b = q.shape[0]
+
+        def padded(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (
+                torch.full((b, width), float("-inf"), device=dev),
+                torch.full((b, width), -1, dtype=torch.int64, device=dev),
+            )
+
+        def first_stage() -> tuple[torch.Tensor, ...]:
+            qd = q.to(dev)
+            pq = model.project(qd)
+            return (pq, *self._local_first_stage(qd, pq, kf))
+
+        pq, scores, ids = comm.attempt(first_stage, lambda: (None, *padded(kf)))
+        gathered = comm.gather([scores, ids], what)
+        all_s = torch.cat([g[0] for g in gathered], dim=1)
+        all_i = torch.cat([g[1] for g in gathered], dim=1)
+
+        def feedback() -> tuple[Any, ...]:
+            fs_scores, fs_ids = self._merge_first_stage(all_s, all_i, kf)
+            return (fs_ids, *feedback_set(model, fs_scores, fs_ids))
+
         if self.exchange == "rows":
-            b = q.shape[0]
-            rows = self._gather_rows(self.local.projected_corpus, safe_ids).view(b * kf, -1)
-            cache = None
-            if self.local.document_cache is not None:
-                doc_cache = self.local.document_cache
-                cache = self._gather_rows(doc_cache, safe_ids).view(b * kf, -1)
-            flat = torch.arange(b * kf, device=self.device).view(b, kf)
-            tq, _, q_tilde = model.query_state(pq, rows, flat, weights, cache)
-            if mode == "rerank":
+            tables = [self.local.projected_corpus]
+            width = self.local.document_cache_width
+            if width is not None:  # a rank without documents has no cache yet: an empty one
+                cache = self.local.document_cache
+                tables.append(torch.empty(0, width, device=dev) if cache is None else cache)
+
+            def owned() -> tuple[Any, ...]:
+                fs_ids, valid, safe_ids, weights = feedback()
+                return fs_ids, valid, weights, [self._owned_rows(t, safe_ids) for t in tables]
+
+            def stand_in() -> tuple[Any, ...]:
+                zeros = [torch.zeros(b, kf, t.shape[1], dtype=t.dtype, device=dev) for t in tables]
+                return None, None, None, zeros
+
+            fs_ids, valid, weights, assembled = comm.attempt(owned, stand_in)
+            comm.reduce_(assembled, what, exact=True)
+            rows = assembled[0].view(b * kf, -1)
+            cache = assembled[1].view(b * kf, -1) if width is not None else None
+
+            def state() -> tuple[torch.Tensor, torch.Tensor]:
+                flat = torch.arange(b * kf, device=dev).view(b, kf)
+                tq, _, q_tilde = model.query_state(pq, rows, flat, weights, cache)
+                if mode == "exhaustive":
+                    return self._local_topk(tq, q_tilde, k, workspace_bytes)
                 scores = model.score_ids(rows, flat, tq, q_tilde)
-        else:
-            tq, q_tilde = self._partial_state(pq, safe_ids, weights)
+                return self._best(scores, valid, fs_ids, k)
+
             if mode == "rerank":
-                scores = self._partial_scores(safe_ids, tq, q_tilde)
-        if mode == "exhaustive":
-            return self._exhaustive(tq, q_tilde, k, workspace_bytes)
+                return self._step(what, state)  # no collective follows: its own exchange
+            s, gi = comm.attempt(state, lambda: padded(k))
+        else:
+            cfg = model.config
+            mean_width = cfg.transform_dim if cfg.aggregation == "mean_of_transforms" else None
+
+            def partial() -> tuple[Any, ...]:
+                fs_ids, valid, safe_ids, weights = feedback()
+                return (fs_ids, valid, safe_ids, *self._partial_sum(pq, safe_ids, weights))
+
+            def partial_stand_in() -> tuple[Any, ...]:
+                if mean_width is not None:
+                    return None, None, None, None, torch.zeros(b, mean_width, device=dev)
+                mean = torch.zeros(b, cfg.working_dim, dtype=model.dtype, device=dev)
+                return None, None, None, None, mean
+
+            fs_ids, valid, safe_ids, tq, own = comm.attempt(partial, partial_stand_in)
+            comm.reduce_([own], what, exact=False)
+
+            def state() -> Any:
+                q_tilde = self._partial_finish(pq, own)
+                if mode == "exhaustive":
+                    return self._local_topk(tq, q_tilde, k, workspace_bytes)
+                return self._partial_owned_scores(safe_ids, tq, q_tilde)
+
+            if mode == "rerank":
+                scores = comm.attempt(state, lambda: torch.zeros(b, kf, device=dev))
+                comm.reduce_([scores], what, exact=True)  # one owner per slot: exact
+                return self._step(what, lambda: self._best(scores, valid, fs_ids, k))
+            s, gi = comm.attempt(state, lambda: padded(k))
+        gathered = comm.gather([s, gi], what)
+        all_s = torch.cat([g[0] for g in gathered], dim=1)
+        all_i = torch.cat([g[1] for g in gathered], dim=1)
+        # Each shard's ids ascend with its local rows, so the shard's own ties already came
+        # lower id first; the merge applies the same rule across shards.
+        return self._step(what, lambda: topk_by_score_then_id(all_s, all_i, k))
+
+    @staticmethod
+    def _best(
+        scores: torch.Tensor, valid: torch.Tensor, fs_ids: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top k of the scored global feedback set (invalid slots last)."""
         scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
         return topk_by_score_then_id(scores, torch.where(valid, fs_ids, -1), k)
 
-    def _partial_state(
+    def _partial_sum(
         self, pq: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T_q, q~) from per-rank partial sums of the global feedback mean."""
+        """(T_q, this rank's share of the global feedback mean): the (B, OUT) float32 mean
+        transform, or the (B, m) mean modulated document for ``transform_of_mean``."""
         model, cfg = self.model, self.model.config
         b, kf = ids.shape
         tq = model.query_transform(pq)
@@ -844,70 +1280,57 @@ class DistributedIMRNNIndex:
                 )
                 # sum_own w y / sum_all w = (sum_own w y / sum_own w) * (sum_own w / sum_all w)
                 td[rows] = mean_own.float() * share
-            self._all_reduce_(td)
-        else:
-            mean_dt = torch.zeros(b, cfg.working_dim, dtype=model.dtype, device=self.device)
-            if rows.numel():
-                docs = corpus[lpos[rows]].to(model.dtype)
-                d_tilde = model.modulate_documents(docs, tq[rows])
-                coef = (w_own[rows] / total[rows].unsqueeze(1)).to(model.dtype)
-                mean_dt[rows] = torch.einsum("bk,bkm->bm", coef, d_tilde)
-            self._all_reduce_(mean_dt)
-            td = model.doc_hypernet(mean_dt)
-        return tq, model.modulate_queries(pq, td)
+            return tq, td
+        mean_dt = torch.zeros(b, cfg.working_dim, dtype=model.dtype, device=self.device)
+        if rows.numel():
+            docs = corpus[lpos[rows]].to(model.dtype)
+            d_tilde = model.modulate_documents(docs, tq[rows])
+            coef = (w_own[rows] / total[rows].unsqueeze(1)).to(model.dtype)
+            mean_dt[rows] = torch.einsum("bk,bkm->bm", coef, d_tilde)
+        return tq, mean_dt
 
-    def _partial_scores(
+    def _partial_finish(self, pq: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """q~ from the summed global mean of :meth:`_partial_sum`."""
+        model = self.model
+        td = mean if model.config.aggregation == "mean_of_transforms" else model.doc_hypernet(mean)
+        return model.modulate_queries(pq, td)
+
+    def _partial_owned_scores(
         self, ids: torch.Tensor, tq: torch.Tensor, q_tilde: torch.Tensor
     ) -> torch.Tensor:
-        """(B, K) scores of the global feedback set: each rank scores what it owns."""
+        """(B, K) scores of the global feedback documents this rank owns, zeros elsewhere."""
         owned, lpos = self._locate(ids)
         scores = torch.zeros(ids.shape, dtype=torch.float32, device=self.device)
         if self.local_ntotal > 0 and bool(owned.any()):
             local = self.model.score_ids(self.local.projected_corpus, lpos, tq, q_tilde)
             scores = torch.where(owned, local.float(), scores)
-        return self._all_reduce_exact_(scores)  # one owner per slot: exact
+        return scores
 
-    def _exhaustive(
+    def _local_topk(
         self, tq: torch.Tensor, q_tilde: torch.Tensor, k: int, workspace_bytes: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This shard's exhaustive top k: (B, k) float32 scores and global ids."""
         model, cfg = self.model, self.model.config
         b = tq.shape[0]
         s = torch.full((b, k), float("-inf"), device=self.device)
         gi = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
-        err = None
         if self.local_ntotal > 0:
-            try:
-                s, li = imrnns_kernels.modulated_topk(
-                    self.local.projected_corpus,
-                    tq,
-                    model.doc_norm.weight,
-                    model.doc_norm.bias,
-                    q_tilde,
-                    k,
-                    cfg.modulation,
-                    cfg.layer_norm_eps,
-                    workspace_bytes=workspace_bytes,
-                )
-            except ValueError as exc:  # a budget too small for this shard: fail everywhere
-                err = exc
-            else:
-                gi = torch.where(li >= 0, self._gids[li.clamp(min=0)], torch.full_like(li, -1))
-                s = s.float()
-        # Budgets may differ by rank, so only the ranks know: one int each, every call (the
-        # collectives must be the same on every rank).
-        failed = [int(f) for f in self._all_gather(torch.tensor([int(err is not None)]))]
-        if err is not None:
-            raise err
-        if any(failed):
-            raise ValueError(
-                f"rank {failed.index(1)}: the exhaustive scan of its shard failed (see that "
-                "rank's error; e.g. workspace_bytes too small)"
+            # workspace_bytes may differ by rank: a budget too small for this shard raises
+            # here, and on every rank through the step.
+            s, li = imrnns_kernels.modulated_topk(
+                self.local.projected_corpus,
+                tq,
+                model.doc_norm.weight,
+                model.doc_norm.bias,
+                q_tilde,
+                k,
+                cfg.modulation,
+                cfg.layer_norm_eps,
+                workspace_bytes=workspace_bytes,
             )
-        all_s = torch.cat(self._all_gather(s), dim=1)
-        all_i = torch.cat(self._all_gather(gi), dim=1)
-        # Each shard's ids ascend with its local rows, so the shard's own ties already came
-        # lower id first; the merge applies the same rule across shards.
-        return topk_by_score_then_id(all_s, all_i, k)
+            gi = torch.where(li >= 0, self._gids[li.clamp(min=0)], torch.full_like(li, -1))
+            s = s.float()
+        return s, gi
 
     def doc_names(self, ids: np.ndarray | torch.Tensor) -> list[list[str | None]] | None:
         """Collective: the ``doc_ids`` names of a (B, k) table of global ids (None for -1).
@@ -916,21 +1339,30 @@ class DistributedIMRNNIndex:
         """
         if not self._named:
             return None
-        t = torch.as_tensor(np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids))
-        t = t.to(torch.int64).to(self._gids.device)
-        owned, lpos = self._locate(t)
-        names = self.local.doc_ids or []
-        mine = [
-            [names[int(p)] if bool(o) else None for o, p in zip(orow, prow, strict=True)]
-            for orow, prow in zip(owned.cpu(), lpos.cpu(), strict=True)
-        ]
-        merged = mine
-        for other in self._gather_object(mine):
-            merged = [
-                [a if a is not None else b for a, b in zip(ra, rb, strict=True)]
-                for ra, rb in zip(merged, other, strict=True)
+        what = "doc_names()"
+
+        def mine() -> list[list[str | None]]:
+            t = torch.as_tensor(np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids))
+            t = t.to(torch.int64).to(self._gids.device)
+            owned, lpos = self._locate(t)
+            names = self.local.doc_ids or []
+            return [
+                [names[int(p)] if bool(o) else None for o, p in zip(orow, prow, strict=True)]
+                for orow, prow in zip(owned.cpu(), lpos.cpu(), strict=True)
             ]
-        return merged
+
+        gathered = self._gather_object(self._step(what, mine), what)
+
+        def merge() -> list[list[str | None]]:
+            merged = gathered[0]
+            for other in gathered[1:]:
+                merged = [
+                    [a if a is not None else b for a, b in zip(ra, rb, strict=True)]
+                    for ra, rb in zip(merged, other, strict=True)
+                ]
+            return merged
+
+        return self._step(what, merge)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -946,37 +1378,24 @@ def _read_manifest(directory: Path, verify: bool) -> dict[str, Any]:
     return manifest
 
 
-def _run_everywhere(what: str, signature: str, fn: Callable[[], Any], group: Any) -> Any:
-    """``DistributedIMRNNIndex._checked`` for calls made before an index exists."""
-    result, err = None, None
-    try:
-        result = fn()
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        err = exc
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(
-        out, (signature, None if err is None else (type(err).__name__, str(err))), group=group
-    )
-    if err is not None:
-        raise err
-    _raise_other_ranks_error([st for _, st in out])
-    if len({s for s, _ in out}) > 1:
-        raise ValueError(f"{what}: ranks were called with different arguments")
-    return result
+def _manifest_digest(directory: Path) -> str | None:
+    """SHA-256 of ``directory``'s manifest.json (None when it is missing: the read reports it).
 
-
-def _raise_other_ranks_error(statuses: list[tuple[str, str] | None]) -> None:
-    """Raise the first failed rank's validation error (its type, its message, its rank).
-
-    ``statuses``: one per rank, in rank order, None where the check passed, else (exception
-    type name, message) as :meth:`DistributedIMRNNIndex._checked` gathers them.
+    The manifest lists every file's SHA-256, so equal manifests mean the same index version.
     """
-    for r, st in enumerate(statuses):
-        if st is not None:
-            exc_type = {"TypeError": TypeError, "FileNotFoundError": FileNotFoundError}.get(
-                st[0], ValueError
-            )
-            raise exc_type(f"rank {r}: {st[1]}")
+    try:
+        return hashlib.sha256((directory / "manifest.json").read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _check_unchanged(directory: Path, digest: str | None, rank: int) -> None:
+    """Raise when ``directory``'s manifest is no longer the one hashed as ``digest``."""
+    if _manifest_digest(directory) != digest:
+        raise IndexError_(
+            f"{directory}: the index was replaced while rank {rank} read it (its manifest "
+            "changed): load again"
+        )
 
 
 def _digest_array(x: Any, sample_rows: int | None = None) -> str:

@@ -10,32 +10,49 @@ A saved index is one directory, written atomically (:func:`imrnns._atomic.atomic
 - ``first_stage.faiss``: the faiss index (written from a CPU copy);
 - ``doc_ids.json``: the N document names, only when the documents are named.
 
-Every read checks what it reads against the manifest, so a truncated or tampered index fails
-to load loudly (:class:`IndexError_`, a ValueError). Tested through tests/test_index.py,
-tests/test_bad_input.py, tests/test_faults.py and tests/test_distributed_save.py.
+:data:`INDEX_LAYOUT` lists exactly these files: a save replaces an existing directory only
+when it is an earlier index save (:func:`imrnns._atomic.check_replaceable`).
+
+Loading checks what it reads, in one place (:class:`Expected` says what the manifest and the
+adapter promise; every reader here checks against it): the manifest lists only the index's
+own file names (nothing outside the directory is ever opened), every file has the listed size
+(and, with ``verify``, SHA-256), the corpus tensors have the promised names, shapes and dtypes
+and only finite rows, and the faiss file is the promised structure (type, dimension, inner
+product metric, ``ntotal``), checked from its header before faiss reads it. The SHA-256
+manifest detects corruption (truncation, flipped bytes, a file from another save), not
+tampering: whoever can rewrite a file can rewrite the manifest too. The content checks bound
+what a rewritten index can do (no file outside the directory, no NaN ranked first, no first
+stage of another shape or metric); an index from an untrusted source is still untrusted.
+Failures raise :class:`IndexError_` (a ValueError) naming the file. Tested in
+tests/retriever/ (test_index.py, test_storage_safety.py, test_faults.py,
+test_distributed_save.py) and tests/bad_input/cases_index.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
+import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import faiss
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from imrnns._atomic import atomic_directory, check_replaceable, read_format_json
+from imrnns._atomic import SaveLayout, atomic_directory, read_format_json
+from imrnns._checkpoint_io import CHECKPOINT_LAYOUT
 from imrnns.checkpoints import save_pretrained
-from imrnns.index.first_stage import to_cpu
+from imrnns.index import first_stage
 
 if TYPE_CHECKING:
     from imrnns.model import IMRNN
 
 FORMAT = "imrnns-index"
 FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
 # Files every index directory holds (doc_ids.json only when the documents are named).
 REQUIRED_FILES = (
     "adapter/config.json",
@@ -43,10 +60,48 @@ REQUIRED_FILES = (
     "corpus.safetensors",
     "first_stage.faiss",
 )
+INDEX_LAYOUT = SaveLayout(
+    kind="index",
+    header=MANIFEST_NAME,
+    format=FORMAT,
+    max_version=FORMAT_VERSION,
+    files=frozenset({MANIFEST_NAME, "corpus.safetensors", "first_stage.faiss", "doc_ids.json"})
+    | CHECKPOINT_LAYOUT.nested("adapter"),
+)
+# The only names a manifest may list: an entry is never a path of the reader's choosing.
+LISTED_FILES = INDEX_LAYOUT.files - {MANIFEST_NAME}
+# Rows checked for NaN/Inf per step (bounds the temporary boolean mask).
+FINITE_CHUNK = 65536
+# faiss's file header: fourcc, d (int32), ntotal (int64), two dummies (int64), is_trained
+# (bool), metric (int32); a flat index follows with its float count (uint64) and the vectors.
+_FAISS_HEADER = struct.Struct("<4siqqq?i")
+_FAISS_FOURCC = {"flat": b"IxFI", "ivf": b"IwFl", "hnsw": b"IHNf"}
+_FAISS_TYPES = {"flat": "IndexFlat", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 class IndexError_(ValueError):
     """An index directory is missing, truncated, tampered with, or inconsistent."""
+
+
+class Expected(NamedTuple):
+    """What an index directory's files must hold, from its manifest and its adapter.
+
+    Attributes:
+        ntotal: N, the documents.
+        working_dim: m, the projected corpus's width.
+        storage_dtype: the projected corpus's dtype.
+        cache_width: the per-document cache's width, or None when the index keeps none.
+        first_stage: ``"flat"``, ``"ivf"`` or ``"hnsw"``.
+        first_stage_dim: the faiss vectors' width (n for the base space, m for projected).
+    """
+
+    ntotal: int
+    working_dim: int
+    storage_dtype: torch.dtype
+    cache_width: int | None
+    first_stage: str
+    first_stage_dim: int
 
 
 def sha256_file(path: Path) -> str:
@@ -56,6 +111,33 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_rows_finite(
+    name: str, x: torch.Tensor, error: type[ValueError] = ValueError, first_row: int = 0
+) -> None:
+    """Raise ``error`` naming the first row of (N, d) ``x`` that holds NaN or Inf.
+
+    Every row is checked, ``FINITE_CHUNK`` rows at a time, so where a bad row lies never
+    decides whether it is found. Per chunk, one reduction: a row's sum (accumulated in at
+    least float32) is finite unless the row holds NaN or Inf, or its finite values overflow;
+    only rows whose sum is not finite are checked element by element, so an overflow is not
+    mistaken for NaN. ``first_row`` numbers the rows in the message (a slice of a corpus).
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must hold floats, got {x.dtype}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for lo in range(0, x.shape[0], FINITE_CHUNK):
+        chunk = x[lo : lo + FINITE_CHUNK]
+        sums = chunk.reshape(chunk.shape[0], -1).sum(dim=1, dtype=acc)
+        suspects = torch.nonzero(~torch.isfinite(sums)).flatten()
+        if suspects.numel() == 0:
+            continue
+        rows = chunk[suspects].reshape(suspects.numel(), -1)
+        bad = torch.nonzero(~torch.isfinite(rows).all(dim=1)).flatten()
+        if bad.numel():
+            row = lo + int(suspects[bad[0]])
+            raise error(f"{name}: row {first_row + row} holds NaN or Inf")
 
 
 def write_index(
@@ -70,26 +152,28 @@ def write_index(
     """Write an index directory atomically (the layout in the module docstring).
 
     Args:
-        directory: new, empty, or an index saved before (replaced as a whole); a failure at
-            any point leaves its previous content intact.
+        directory: new, empty, or an earlier index save (replaced as a whole): anything else
+            is refused before a byte is written (:func:`imrnns._atomic.check_replaceable`);
+            a failure at any point leaves its previous content intact.
         model: the adapter.
         projected: (N, m) projected corpus, any device.
         document_cache: (N, width) per-document cache, or None.
-        first_stage_index: the faiss index over the N documents (CPU or GPU).
+        first_stage_index: the first stage over the N documents (:mod:`imrnns.index.first_stage`;
+            a flat one is written in faiss's ``IndexFlatIP`` format without faiss).
         doc_ids: N names, or None.
         settings: the index's constructor settings, recorded in the manifest.
 
     Raises:
-        ValueError: ``directory`` holds other files than an index.
+        ValueError: ``directory`` is not an earlier index save (the message names it and the
+            files that would be lost).
     """
-    check_replaceable(directory, "manifest.json")
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, INDEX_LAYOUT) as tmp:
         save_pretrained(model, tmp / "adapter")
         tensors = {"projected": projected.detach().cpu().contiguous()}
         if document_cache is not None:
             tensors["doc_cache"] = document_cache.detach().cpu().contiguous()
         save_file(tensors, str(tmp / "corpus.safetensors"))
-        faiss.write_index(to_cpu(first_stage_index), str(tmp / "first_stage.faiss"))
+        first_stage.write(first_stage_index, tmp / "first_stage.faiss")
         if doc_ids is not None:
             (tmp / "doc_ids.json").write_text(json.dumps(doc_ids))
         files = {}
@@ -104,18 +188,43 @@ def write_index(
             "index": settings,
             "files": files,
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _check_entry(directory: Path, rel: str) -> Path:
+    """``directory / rel`` after checking it is a regular file reached through real folders.
+
+    ``rel`` is one of :data:`LISTED_FILES`; a link at any step could lead outside the
+    directory, so none is followed.
+    """
+    parts = rel.split("/")
+    for i in range(1, len(parts) + 1):
+        step = directory.joinpath(*parts[:i])
+        try:
+            mode = os.lstat(step).st_mode
+        except FileNotFoundError:
+            raise FileNotFoundError(f"index file missing: {directory / rel}") from None
+        last = i == len(parts)
+        if not (stat.S_ISREG(mode) if last else stat.S_ISDIR(mode)):
+            what = "regular file" if last else "folder"
+            raise IndexError_(f"{step}: not a {what} (links and special files are refused)")
+    return directory / rel
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     """The manifest of an index directory, checked, with every file it lists checked.
 
+    The entries are checked before any file is opened: each must be one of the index's own
+    file names (:data:`LISTED_FILES`: no ``..``, no absolute path, nothing outside the
+    directory) and a regular file reached without following a link.
+
     Raises:
         FileNotFoundError: no manifest, or a file it lists is missing.
-        IndexError_: (a ValueError) the manifest is malformed (the message names it), or a
-            file's size (and, with ``verify``, SHA-256) differs from the manifest's.
+        IndexError_: (a ValueError) the manifest is malformed or lists a name an index never
+            holds (the message names it), or a file's size (and, with ``verify``, SHA-256)
+            differs from the manifest's.
     """
-    manifest_path = directory / "manifest.json"
+    manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{directory} is not an IMRNN index: no manifest.json")
     manifest = read_format_json(manifest_path, FORMAT, FORMAT_VERSION, IndexError_, "manifest")
@@ -127,83 +236,163 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     if not isinstance(files, dict) or not all(
         isinstance(meta, dict)
         and isinstance(meta.get("bytes"), int)
+        and not isinstance(meta.get("bytes"), bool)
+        and meta["bytes"] >= 0
         and isinstance(meta.get("sha256"), str)
         for meta in files.values()
     ):
         raise IndexError_(f"{manifest_path}: 'files' must map names to their bytes and sha256")
+    foreign = sorted(rel for rel in files if rel not in LISTED_FILES)
+    if foreign:
+        raise IndexError_(
+            f"{manifest_path}: lists {foreign}, not files of an index (it holds only "
+            f"{sorted(LISTED_FILES)}); nothing was opened"
+        )
     missing = [rel for rel in REQUIRED_FILES if rel not in files]
     if missing:
         raise IndexError_(f"{manifest_path}: does not list the index files {missing}")
-    for rel, meta in files.items():
-        path = directory / rel
-        if not path.is_file():
-            raise FileNotFoundError(f"index file missing: {path}")
-        if path.stat().st_size != meta["bytes"]:
+    paths = {rel: _check_entry(directory, rel) for rel in sorted(files)}
+    for rel, path in paths.items():
+        size = path.stat().st_size
+        if size != files[rel]["bytes"]:
             raise IndexError_(
-                f"{path}: {path.stat().st_size} bytes, the manifest says {meta['bytes']}: "
+                f"{path}: {size} bytes, the manifest says {files[rel]['bytes']}: "
                 "the file is truncated or was modified"
             )
-        if verify and sha256_file(path) != meta["sha256"]:
+        if verify and sha256_file(path) != files[rel]["sha256"]:
             raise IndexError_(f"{path}: SHA-256 differs from the manifest: the file was modified")
     return manifest
 
 
-def read_corpus(
-    directory: Path, n: int, working_dim: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(projected (n, m) corpus, document cache or None) of an index directory, on the CPU.
-
-    Raises:
-        IndexError_: the file is unreadable or the corpus is not (n, working_dim).
-    """
-    path = directory / "corpus.safetensors"
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise IndexError_(f"{path}: unreadable ({exc})") from exc
-    corpus = tensors.get("projected")
-    if corpus is None or tuple(corpus.shape) != (n, working_dim):
+def _check_corpus_header(path: Path, fh: Any, expected: Expected) -> bool:
+    """Check the safetensors header (names, shapes, dtypes; no tensor read); True if cached."""
+    n, m = expected.ntotal, expected.working_dim
+    keys = set(fh.keys())
+    want = {"projected"} | ({"doc_cache"} if expected.cache_width is not None else set())
+    if keys != want:
         raise IndexError_(
-            f"{path}: projected corpus shape "
-            f"{None if corpus is None else tuple(corpus.shape)} does not match the manifest "
-            f"({n}, {working_dim})"
+            f"{path}: holds tensors {sorted(keys)}, the manifest's settings promise {sorted(want)}"
         )
-    return corpus, tensors.get("doc_cache")
+    projected = fh.get_slice("projected")
+    shape, dtype = tuple(projected.get_shape()), projected.get_dtype()
+    if shape != (n, m):
+        raise IndexError_(
+            f"{path}: projected corpus shape {shape} does not match the manifest ({n}, {m})"
+        )
+    if dtype != _SAFETENSORS_DTYPES[expected.storage_dtype]:
+        raise IndexError_(
+            f"{path}: projected corpus is {dtype}, the manifest's storage_dtype is "
+            f"{expected.storage_dtype}"
+        )
+    if expected.cache_width is None:
+        return False
+    cache = fh.get_slice("doc_cache")
+    shape, dtype = tuple(cache.get_shape()), cache.get_dtype()
+    if shape != (n, expected.cache_width) or dtype not in ("F32", "F64"):
+        raise IndexError_(
+            f"{path}: doc_cache is {dtype} {shape}, expected float32 ({n}, {expected.cache_width})"
+        )
+    return True
 
 
-def read_corpus_rows(
-    directory: Path, lo: int, hi: int, working_dim: int
+def read_corpus(
+    directory: Path, expected: Expected, rows: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows ``[lo, hi)`` of :func:`read_corpus`, read by slice (the other rows are never held).
+    """(projected corpus, document cache or None) of an index directory, on the CPU, checked.
+
+    The header is checked against ``expected`` before any tensor is read, then every row
+    read is checked finite (:func:`check_rows_finite`). ``rows=(lo, hi)`` reads only those
+    rows (by slice: the others are never held).
+
+    Returns:
+        ((hi - lo, m) corpus in the storage dtype, (hi - lo, width) cache or None).
 
     Raises:
-        IndexError_: the file is unreadable or the slice is not (hi - lo, working_dim).
+        IndexError_: the file is unreadable, or its names, shapes, dtypes or values are not
+            what ``expected`` promises (the message names the file, and the row for NaN/Inf).
     """
     path = directory / "corpus.safetensors"
+    lo, hi = (0, expected.ntotal) if rows is None else rows
     try:
         with safe_open(str(path), framework="pt") as fh:
-            keys = set(fh.keys())
-            corpus = fh.get_slice("projected")[lo:hi]
-            cache = fh.get_slice("doc_cache")[lo:hi] if "doc_cache" in keys else None
-    except (SafetensorError, OSError, ValueError) as exc:
+            cached = _check_corpus_header(path, fh, expected)
+            whole = (lo, hi) == (0, expected.ntotal)
+
+            def read(name: str) -> torch.Tensor:
+                return fh.get_tensor(name) if whole else fh.get_slice(name)[lo:hi]
+
+            corpus = read("projected")
+            cache = read("doc_cache") if cached else None
+    except (SafetensorError, OSError) as exc:
         raise IndexError_(f"{path}: unreadable ({exc})") from exc
-    if tuple(corpus.shape) != (hi - lo, working_dim):
-        raise IndexError_(
-            f"{path}: projected slice {tuple(corpus.shape)}, expected ({hi - lo}, {working_dim})"
-        )
+    check_rows_finite(f"{path}: projected corpus", corpus, IndexError_, lo)
+    if cache is not None:
+        check_rows_finite(f"{path}: doc_cache", cache, IndexError_, lo)
     return corpus, cache
 
 
-def read_first_stage(directory: Path, n: int, *, mmap: bool = False) -> Any:
-    """The saved faiss index (on the CPU), memory-mapped with ``mmap`` (flat indexes only).
+def _check_faiss_header(path: Path, expected: Expected) -> None:
+    """Check the faiss file's header (type, dimension, ntotal, metric) before faiss reads it.
+
+    faiss sizes its buffers from what the file claims: a file claiming another structure or
+    size is refused here, before any allocation. A flat index's size is exact.
+    """
+    kind, d, n = expected.first_stage, expected.first_stage_dim, expected.ntotal
+    with open(path, "rb") as fh:
+        head = fh.read(_FAISS_HEADER.size + 8)
+    if len(head) < _FAISS_HEADER.size:
+        raise IndexError_(f"{path}: {len(head)} bytes, too short for a faiss index")
+    fourcc, dim, ntotal, _, _, _, metric = _FAISS_HEADER.unpack_from(head)
+    if fourcc != _FAISS_FOURCC[kind]:
+        raise IndexError_(
+            f"{path}: a faiss {fourcc!r} index, the manifest's first_stage={kind!r} is "
+            f"{_FAISS_FOURCC[kind]!r} ({_FAISS_TYPES[kind]}, inner product)"
+        )
+    if (dim, ntotal, metric) != (d, n, first_stage.METRIC_INNER_PRODUCT):
+        raise IndexError_(
+            f"{path}: faiss index of dimension {dim}, {ntotal} vectors, metric {metric}; the "
+            f"manifest promises dimension {d}, {n} vectors, inner product "
+            f"({first_stage.METRIC_INNER_PRODUCT})"
+        )
+    if kind == "flat":
+        want = _FAISS_HEADER.size + 8 + 4 * n * d
+        size = path.stat().st_size
+        (count,) = struct.unpack_from("<Q", head, _FAISS_HEADER.size)
+        if size != want or count != n * d:
+            raise IndexError_(
+                f"{path}: {size} bytes holding {count} floats, a flat index of {n} x {d} is "
+                f"{want} bytes holding {n * d}"
+            )
+
+
+def read_first_stage(directory: Path, expected: Expected, *, mmap: bool = False) -> Any:
+    """The saved first stage (on the CPU), checked; memory-mapped with ``mmap`` (flat only).
+
+    The header is checked first (:func:`_check_faiss_header`), then what was read: its kind,
+    dimension, metric (inner product) and ``ntotal``. A flat stage is read without faiss
+    (:func:`imrnns.index.first_stage.read`).
 
     Raises:
-        IndexError_: it does not hold ``n`` vectors.
+        IndexError_: the file is unreadable (faiss's own error, with the file named) or is
+            not the first stage ``expected`` promises.
     """
-    flags = faiss.IO_FLAG_MMAP if mmap else 0
-    saved = faiss.read_index(str(directory / "first_stage.faiss"), flags)
-    if saved.ntotal != n:
-        raise IndexError_(f"{directory}: first stage holds {saved.ntotal} rows, corpus {n}")
+    path = directory / "first_stage.faiss"
+    _check_faiss_header(path, expected)
+    try:
+        # Flat: read here without faiss (memory-mapped with mmap); IVF/HNSW: faiss.read_index.
+        saved = first_stage.read(path, mmap=mmap)
+    except (RuntimeError, MemoryError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IndexError_(f"{path}: unreadable faiss index ({first_line})") from exc
+    kind = expected.first_stage
+    got = (saved.kind, saved.d, saved.ntotal)
+    want = (kind, expected.first_stage_dim, expected.ntotal)
+    if got != want:
+        raise IndexError_(
+            f"{path}: a {got[0]} first stage of dimension {got[1]}, {got[2]} vectors; "
+            f"expected {_FAISS_TYPES[kind]} of dimension {want[1]}, inner product, "
+            f"{want[2]} vectors"
+        )
     return saved
 
 
@@ -211,7 +400,7 @@ def read_doc_ids(directory: Path, n: int) -> list[str]:
     """The ``n`` document names in ``directory / "doc_ids.json"``, or IndexError_ naming it."""
     path = directory / "doc_ids.json"
     try:
-        names = json.loads(path.read_text())
+        names = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IndexError_(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(names, list) or not all(isinstance(d, str) for d in names):

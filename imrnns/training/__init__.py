@@ -23,6 +23,21 @@ What one training step does, for a batch of B training queries:
    - ``"improvement"``: the official v0.2 objective, ``max(0, margin + base_gap - gap)``:
      the adapted positive-negative gap must beat the base encoder's gap by ``margin``.
 
+   None of them materialises a (positives x candidates) table per query: the cross-entropy
+   takes one logsumexp over the lower-grade candidates per (query, grade level), shared by
+   that grade's positives; the pairwise terms sort each level's competitors once and sum
+   each positive's hinges by a binary search and a suffix sum. The union of the batch's
+   positives is the same candidate set for every query, so it is scored by two GEMMs of the
+   moment algebra rather than one gathered copy per query. A many-positive collection then
+   costs per query about what a one-positive one does (benchmarks/test_bench_training.py).
+
+Data that does not fit in memory: :func:`prepare_streaming_data` takes the training queries
+as a re-iterable stream of :class:`QueryRecord` (:class:`BeirQueryStream` reads a BEIR
+split's qrels and a memory-mapped embedding array; any iterable or function returning an
+iterator works) and mines their first stage ``mining_chunk`` queries at a time, every
+epoch; memory is bounded by that setting, not by the number of queries. The in-memory path,
+:func:`prepare_training_data`, trains exactly as before.
+
 Corpus pseudo-queries (``TrainConfig.pseudo_queries``, off by default): every corpus
 document's title (or the first sentence of its abstract), encoded with the *query* encoder,
 becomes an extra training query whose single positive (gain 1) is its own document, with
@@ -57,19 +72,21 @@ Modules, in import order (each imports only those above it):
 - :mod:`~imrnns.training.config`: :class:`TrainConfig` and :func:`parse_overrides`.
 - :mod:`~imrnns.training.pseudo_queries`: corpus pseudo-query texts and embeddings.
 - :mod:`~imrnns.training.data`: :func:`prepare_training_data` (validation split, first-stage
-  feedback sets and hard-negative pools, pseudo-query and anchor sets).
-- :mod:`~imrnns.training.batches`: per-epoch generators, the pseudo-query schedule, a
-  batch's candidate columns.
+  feedback sets and hard-negative pools, pseudo-query and anchor sets) and
+  :func:`prepare_streaming_data` (the same for streamed queries, mined in chunks).
+- :mod:`~imrnns.training.batches`: per-epoch generators and batches, the pseudo-query
+  schedule, a batch's candidate columns.
 - :mod:`~imrnns.training.losses`: the loss terms above and one step's total.
 - :mod:`~imrnns.training.validation`: validation metrics and the selection criterion.
 - :mod:`~imrnns.training.loop`: :func:`train` (optimiser, schedule, weight average,
   selection, checkpoints and resume).
-- :mod:`~imrnns.training.beir`: :func:`train_from_beir`, the one-call entry of ``imrnns train``.
+- :mod:`~imrnns.training.beir`: :func:`train_from_beir`, the one-call entry of ``imrnns train``,
+  and :class:`BeirQueryStream`.
 """
 
 from __future__ import annotations
 
-from imrnns.training.beir import train_from_beir
+from imrnns.training.beir import BeirQueryStream, train_from_beir
 from imrnns.training.config import (
     FREEZABLE,
     LOSSES,
@@ -79,7 +96,15 @@ from imrnns.training.config import (
     TrainConfig,
     parse_overrides,
 )
-from imrnns.training.data import MAX_ANCHORS, TrainingData, prepare_training_data, split_validation
+from imrnns.training.data import (
+    MAX_ANCHORS,
+    QueryRecord,
+    QuerySource,
+    TrainingData,
+    prepare_streaming_data,
+    prepare_training_data,
+    split_validation,
+)
 from imrnns.training.loop import STATE_NAME, SUMMARY_NAME, train
 from imrnns.training.pseudo_queries import PseudoQueries, build_pseudo_queries, pseudo_query_texts
 from imrnns.training.validation import base_validation, validate
@@ -93,12 +118,16 @@ __all__ = [
     "SELECTIONS",
     "STATE_NAME",
     "SUMMARY_NAME",
+    "BeirQueryStream",
     "PseudoQueries",
+    "QueryRecord",
+    "QuerySource",
     "TrainConfig",
     "TrainingData",
     "base_validation",
     "build_pseudo_queries",
     "parse_overrides",
+    "prepare_streaming_data",
     "prepare_training_data",
     "pseudo_query_texts",
     "split_validation",

@@ -1,7 +1,7 @@
 """What determines a training run: :class:`TrainConfig` and its ``key=value`` overrides.
 
-Tested in tests/test_train.py (validation of every field, JSON round trip, overrides) and
-through the command line in tests/test_cli.py.
+Tested in tests/training/test_train.py (validation of every field, JSON round trip, overrides) and
+through the command line in tests/cli/test_cli.py.
 """
 
 from __future__ import annotations
@@ -77,7 +77,10 @@ class TrainConfig:
             documents that are relevant to *other* training queries. Ordinary hard negatives
             are mostly documents no training query cites, so the loss alone rewards lifting
             every cited document; negatives that are cited elsewhere cancel that prior.
-        negative_pool: sample them from the base first stage's top ``negative_pool``.
+        negative_pool: sample them from the base first stage's top ``negative_pool``
+            (at least ``num_negatives``; a query whose pool holds fewer documents besides its
+            positives gets padding columns, counted in the data's
+            ``queries_short_of_negatives``).
         in_batch_negatives: also use the other batch queries' positives as negatives.
         graded: weight positives by gain ``2^g - 1`` and order graded positives among
             themselves; False treats every qrel > 0 as an equal positive.
@@ -106,6 +109,12 @@ class TrainConfig:
             when no epoch qualifies, and then the one closest to the base level).
         patience: epochs without improvement before stopping (0: never stop early).
         seed: everything random (initialisation, validation split, batches, negatives).
+    Data at scale:
+        mining_chunk: training queries read, mined (first stage, negative pool) and
+            shuffled together when the training queries are streamed
+            (:func:`imrnns.training.prepare_streaming_data`): the memory bound of an epoch.
+            In-memory data (:func:`imrnns.training.prepare_training_data`) mines every query
+            once and is not affected.
     Corpus pseudo-queries (label-free; see :mod:`imrnns.training`):
         pseudo_queries: ``""`` (off, the default), ``"title"`` (each document's title as a
             query for that document) or ``"first_sentence"`` (the first sentence of its
@@ -157,6 +166,7 @@ class TrainConfig:
     pseudo_queries: str = ""
     pseudo_weight: float = 1.0
     pseudo_batch: int = 32
+    mining_chunk: int = 4096
 
     def __post_init__(self) -> None:
         if isinstance(self.hidden_dims, list):  # from JSON
@@ -188,6 +198,7 @@ class TrainConfig:
             )
         for name in (
             "feedback_k", "negative_pool", "epochs", "batch_size", "anchor_batch", "pseudo_batch",
+            "mining_chunk",
         ):  # fmt: skip
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -200,6 +211,11 @@ class TrainConfig:
             raise ValueError(
                 f"cited_negatives ({self.cited_negatives}) cannot exceed num_negatives "
                 f"({self.num_negatives})"
+            )
+        if self.num_negatives > self.negative_pool:
+            raise ValueError(
+                f"num_negatives ({self.num_negatives}) cannot exceed negative_pool "
+                f"({self.negative_pool}), the documents they are drawn from"
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")

@@ -6,7 +6,7 @@ schedule, the weight average, per-epoch validation and selection, and checkpoint
 ``out/training.json``. A killed run restarted with the same arguments resumes from ``last/``
 to the same weights.
 
-Tested in tests/test_train.py (determinism, resume, selection) and tests/test_faults.py
+Tested in tests/training/test_train.py (determinism, resume, selection) and tests/retriever/test_faults.py
 (runs killed mid-epoch and mid-checkpoint).
 """
 
@@ -23,11 +23,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from imrnns._atomic import atomic_directory, atomic_file, resolve_directory
+from imrnns._atomic import (
+    SaveLayout,
+    atomic_directory,
+    atomic_file,
+    check_replaceable,
+    resolve_directory,
+)
+from imrnns._checkpoint_io import CHECKPOINT_LAYOUT
 from imrnns._json import finite
 from imrnns.checkpoints import load_pretrained, save_pretrained
 from imrnns.model import IMRNN
-from imrnns.training.batches import _epoch_generator, _pseudo_schedule
+from imrnns.training.batches import _epoch_batches, _epoch_generator, _pseudo_schedule
 from imrnns.training.config import TrainConfig
 from imrnns.training.data import TrainingData
 from imrnns.training.losses import _step_loss
@@ -37,6 +44,16 @@ __all__ = ["STATE_NAME", "SUMMARY_NAME", "train"]
 
 STATE_NAME = "trainer_state.pt"
 SUMMARY_NAME = "training.json"
+# ``out/last``: the model (a checkpoint, whose config.json is the header) and the trainer
+# state. A run replaces ``out/last`` and ``out/best`` only when they are earlier saves of
+# these layouts (imrnns._atomic.check_replaceable).
+LAST_LAYOUT = SaveLayout(
+    kind="training checkpoint",
+    header="model/config.json",
+    format=CHECKPOINT_LAYOUT.format,
+    max_version=CHECKPOINT_LAYOUT.max_version,
+    files=CHECKPOINT_LAYOUT.nested("model") | {STATE_NAME},
+)
 
 
 def _lr_lambda(total: int, warmup_steps: int) -> Callable[[int], float]:
@@ -77,6 +94,15 @@ def _init_projector(model: IMRNN, corpus: torch.Tensor, how: str) -> None:
         model.projector.bias.copy_(-(top @ mean).float())
 
 
+def _saved_config(saved: Any) -> Any:
+    """A saved run's config as ``TrainConfig.to_dict`` gives it now: fields added since it
+    was saved take their defaults (which reproduce the old behaviour)."""
+    try:
+        return TrainConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        return saved
+
+
 def _ema_copy(model: IMRNN) -> IMRNN:
     ema = IMRNN(model.config)
     ema.load_state_dict(model.state_dict())
@@ -96,8 +122,11 @@ def _ema_update(ema: IMRNN, model: IMRNN, decay: float, step: int) -> None:
 
 
 def _save_last(out: Path, model: IMRNN, state: dict[str, Any]) -> None:
-    """Model and trainer state together, atomically (one directory swapped in)."""
-    with atomic_directory(out / "last") as tmp:
+    """Model and trainer state together, atomically (one directory swapped in).
+
+    ``out/last`` is replaced only when it is an earlier ``last/`` (:data:`LAST_LAYOUT`).
+    """
+    with atomic_directory(out / "last", LAST_LAYOUT) as tmp:
         save_pretrained(model, tmp / "model")
         torch.save(state, tmp / STATE_NAME)
 
@@ -152,13 +181,18 @@ def train(
         ``config``, ``data``, ``resumed_from_epoch``.
 
     Raises:
-        ValueError: ``out_dir/last`` holds a run with another config or other data.
+        ValueError: ``out_dir/last`` holds a run with another config or other data, or
+            ``out_dir/last`` / ``out_dir/best`` exist and are not earlier saves of a run
+            (they would be replaced: nothing is written then).
     """
     config = config or TrainConfig()
     out = Path(out_dir)
+    # Refuse before any work, not after the first epoch: the run replaces both.
+    check_replaceable(out / "last", LAST_LAYOUT)
+    check_replaceable(out / "best", CHECKPOINT_LAYOUT)
     out.mkdir(parents=True, exist_ok=True)
     n = int(data.corpus.shape[1])
-    steps_per_epoch = math.ceil(len(data.train.ids) / config.batch_size)
+    steps_per_epoch = data.steps_per_epoch(config.batch_size)
     total_steps = steps_per_epoch * config.epochs
 
     torch.manual_seed(config.seed)
@@ -198,7 +232,7 @@ def train(
     if loaded is not None:
         last_model, last_state = loaded
         if (
-            last_state.get("config") != config.to_dict()
+            _saved_config(last_state.get("config")) != config.to_dict()
             or last_state.get("last_epoch", last_epoch) != last_epoch
         ):
             raise ValueError(
@@ -253,15 +287,13 @@ def train(
             t0 = time.perf_counter()
             gen = _epoch_generator(config.seed, epoch)
             torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout, if configured
-            order = torch.randperm(len(data.train.ids), generator=gen).tolist()
             pseudo_rows, pseudo_gen = _pseudo_schedule(data, config, epoch, steps_per_epoch)
             model.train()
             losses = []
-            for step, lo in enumerate(range(0, len(order), config.batch_size)):
-                rows = order[lo : lo + config.batch_size]
+            for step, (queries, rows) in enumerate(_epoch_batches(data, config, gen)):
                 optimizer.zero_grad(set_to_none=True)
                 loss = _step_loss(model, data, rows, config, gen, corpus_unit,
-                                  pseudo_rows[step], pseudo_gen)  # fmt: skip
+                                  pseudo_rows[step], pseudo_gen, queries)  # fmt: skip
                 loss.backward()
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

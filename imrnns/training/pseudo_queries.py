@@ -6,7 +6,7 @@ positive is that document (``TrainConfig.pseudo_queries``; the idea is in
 :func:`imrnns.training.data.prepare_training_data` turns them into a query set and
 :func:`imrnns.training.batches._pseudo_schedule` draws them per step.
 
-Tested in tests/test_pseudo_queries.py.
+Tested in tests/training/test_pseudo_queries.py.
 """
 
 from __future__ import annotations

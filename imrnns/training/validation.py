@@ -3,7 +3,7 @@
 Validation reranks the held-out training queries' feedback sets exactly as inference does
 and reports nDCG@10 / Recall@100 / MRR@10 overall and on the seen-doc / unseen-doc subsets.
 
-Tested in tests/test_train.py.
+Tested in tests/training/test_train.py.
 """
 
 from __future__ import annotations

@@ -14,8 +14,11 @@ linear and the mean of outputs is exactly ``W3 mean(h2) + b3``, so the cache hol
 
 Implementations (chosen by :mod:`imrnns_kernels.dispatch`): :mod:`.triton` (fused kernels),
 :mod:`.cpu` (chunked BLAS), :mod:`.reference` (the oracle, with :func:`.reference.hypernet`
-and :func:`.reference.activate`). Every entry here validates its inputs first. Tested in
-tests/test_adapter_reduce.py and tests/test_properties.py.
+and :func:`.reference.activate`). Every entry here validates its inputs first, then calls its
+PyTorch custom operator (:mod:`.ops`, ``torch.ops.imrnns.*``), inside which the
+implementation is chosen: ``torch.compile`` and ``torch.export`` trace these functions
+without a graph break (docs/compile.md). Tested in tests/kernels/test_adapter_reduce.py,
+test_properties.py and test_custom_ops.py.
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ from __future__ import annotations
 import torch
 
 from imrnns_kernels import _validation as checks
-from imrnns_kernels import dispatch
-from imrnns_kernels._runtime import needs_grad
+from imrnns_kernels.adapter import ops
 from imrnns_kernels.types import HyperNetWeights
 
 __all__ = ["adapter_reduce", "corpus_transform", "document_transforms"]
@@ -62,23 +64,11 @@ def adapter_reduce(
         ValueError: an unknown modulation, mismatched widths or shapes, ids out of range,
             bad feedback weights, or several devices.
     """
-    checks.check_modulation(modulation)
-    checks.check_float("corpus", corpus, 2)
-    n, m = corpus.shape
-    checks.check_ids("ids", ids, n)
-    _check_hypernet(weights, m, modulation)
-    if feedback_weights is not None:
-        checks.check_weights("feedback_weights", feedback_weights, tuple(ids.shape))
-    if cache is not None:
-        _check_adapter_cache(cache, n, weights, modulation)
-    checks.check_same_device(
-        corpus=corpus, ids=ids, w1=weights.w1, feedback_weights=feedback_weights, cache=cache
+    ops.check_reduce_args(corpus, ids, weights, feedback_weights, modulation, cache)
+    # Traced, the value checks above were skipped: the operator runs them when it executes.
+    return ops.adapter_reduce_op(
+        corpus, ids, *weights, feedback_weights, modulation, cache, checks.tracing()
     )
-    grad = needs_grad(corpus, feedback_weights, cache, *weights)
-    fn = dispatch.implementation("adapter_reduce", corpus.device, grad).function
-    if cache is None:
-        return fn(corpus, ids, weights, feedback_weights, modulation)
-    return fn(corpus, ids, weights, feedback_weights, modulation, cache=cache)
 
 
 def document_transforms(
@@ -104,10 +94,8 @@ def document_transforms(
         TypeError / ValueError: as :func:`adapter_reduce`, an empty corpus, or a
             ``chunk_rows`` that is not a positive int.
     """
-    _check_corpus_op(corpus, weights, modulation, chunk_rows)
-    grad = needs_grad(corpus, *weights)
-    fn = dispatch.implementation("document_transforms", corpus.device, grad).function
-    return fn(corpus, weights, modulation, chunk_rows)
+    ops.check_corpus_op_args(corpus, weights, modulation, chunk_rows)
+    return ops.document_transforms_op(corpus, *weights, modulation, chunk_rows, checks.tracing())
 
 
 def corpus_transform(
@@ -124,60 +112,5 @@ def corpus_transform(
     Returns:
         (OUT,) float32 (float64 for a float64 HyperNet); differentiable.
     """
-    _check_corpus_op(corpus, weights, modulation, chunk_rows)
-    grad = needs_grad(corpus, *weights)
-    fn = dispatch.implementation("corpus_transform", corpus.device, grad).function
-    return fn(corpus, weights, modulation, chunk_rows)
-
-
-def _check_hypernet(weights: HyperNetWeights, dim: int, modulation: str) -> None:
-    if not isinstance(weights, HyperNetWeights):
-        raise TypeError(f"weights must be a HyperNetWeights, got {type(weights).__name__}")
-    for name, t in zip(weights._fields, weights, strict=True):
-        checks.check_float(f"weights.{name}", t, 2 if name.startswith("w") else 1)
-    dtypes = {t.dtype for t in weights}
-    if len(dtypes) > 1:
-        # The reference (and so every training call) would fail inside F.linear, while the
-        # fused paths silently computed in float32: one dtype for all six, said plainly.
-        listing = ", ".join(f"{n} {t.dtype}" for n, t in zip(weights._fields, weights, strict=True))
-        raise TypeError(f"HyperNet weights must share one dtype, got {listing}")
-    if weights.in_dim != dim:
-        raise ValueError(
-            f"HyperNet input width {weights.in_dim} does not match corpus dim {dim} "
-            f"(weights.w1 {checks.describe(weights.w1)})"
-        )
-    out = checks.transform_dim(dim, modulation)
-    if weights.out_dim != out:
-        raise ValueError(
-            f"HyperNet output width {weights.out_dim} does not match {modulation} modulation "
-            f"at dim {dim} (expected {out}; weights.w3 {checks.describe(weights.w3)})"
-        )
-
-
-def _check_adapter_cache(
-    cache: torch.Tensor, n: int, weights: HyperNetWeights, modulation: str
-) -> None:
-    checks.check_float("cache", cache, 2)
-    if modulation == "diagonal":
-        width, what = weights.out_dim, "activated per-document outputs (N, OUT)"
-    else:
-        width, what = int(weights.w3.shape[1]), "per-document hidden states (N, h2)"
-    if tuple(cache.shape) != (n, width):
-        raise ValueError(
-            f"cache must hold the {what} of document_transforms for {modulation} modulation: "
-            f"shape ({n}, {width}), got {checks.describe(cache)}"
-        )
-
-
-def _check_corpus_op(
-    corpus: torch.Tensor, weights: HyperNetWeights, modulation: str, chunk_rows: int | None
-) -> None:
-    checks.check_modulation(modulation)
-    checks.check_float("corpus", corpus, 2)
-    if corpus.shape[0] == 0:
-        raise ValueError(f"corpus is empty ({checks.describe(corpus)})")
-    _check_hypernet(weights, corpus.shape[1], modulation)
-    if chunk_rows is not None:
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
-            raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
-    checks.check_same_device(corpus=corpus, w1=weights.w1)
+    ops.check_corpus_op_args(corpus, weights, modulation, chunk_rows)
+    return ops.corpus_transform_op(corpus, *weights, modulation, chunk_rows, checks.tracing())

@@ -48,6 +48,9 @@ from imrnns_kernels.types import HyperNetWeights
 # within L2/L3; much smaller chunks pay per-call overhead, a whole batch spills to DRAM
 # (benchmarks/RESULTS.md).
 DEFAULT_CHUNK_ROWS = 4096
+# Rows per chunk of the (recomputing) backward on GPU: (rows, 2m) fp32 temporaries, 128 MiB
+# at m=256.
+GPU_CHUNK_ROWS = 65536
 
 
 def cast_weights(weights: HyperNetWeights, dtype: torch.dtype) -> HyperNetWeights:
@@ -197,6 +200,15 @@ def adapter_reduce_forward(
     return unfold_(acc, m), None
 
 
+def _w3t_grad(g: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """(B, h2) ``W3^T G[b]`` in float64. It reduces over OUT = m*m + m: in fp32 that loses
+    about 1e-5 relative at m=256, so accumulate in float64, in OUT chunks."""
+    out = torch.zeros(g.shape[0], w3.shape[1], dtype=torch.float64, device=g.device)
+    for o0 in range(0, g.shape[1], 8192):
+        out += g[:, o0 : o0 + 8192].double() @ w3[o0 : o0 + 8192].double()
+    return out
+
+
 def adapter_reduce_backward(
     grad_out: torch.Tensor,
     corpus: torch.Tensor,
@@ -208,6 +220,7 @@ def adapter_reduce_backward(
     chunk_rows: int,
     need_corpus: bool,
     need_fw: bool,
+    hidden_output: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor]]:
     """Gradients of :func:`adapter_reduce_forward`, recomputing rows chunk by chunk.
 
@@ -224,7 +237,11 @@ def adapter_reduce_backward(
         grad_out: (B, OUT) upstream gradient.
         w: HyperNet weights in the compute dtype.
         feedback_weights: the raw (B, K) weights, or None (uniform).
-        hbar: (B, h2) mean hidden state of the forward, for affine.
+        hbar: (B, h2) mean hidden state of the forward, for affine; None: accumulated here
+            from the recomputed rows (the custom operator's backward saves no forward state).
+        hidden_output: the output is the weighted mean of the hidden states h2 themselves
+            (``document_transforms`` for affine, with K = 1): no output layer, so G is
+            dL/dh2 and the W3, b3 gradients are zero.
 
     Returns:
         (grad_corpus (N, m) in the compute dtype or None, grad_feedback_weights (B, K) or
@@ -249,15 +266,19 @@ def adapter_reduce_backward(
     gy_all = None
     if need_fw and feedback_weights is not None:
         gy_all = torch.empty(b, k, dtype=torch.float64, device=corpus.device)
-    if modulation == "affine":
-        assert hbar is not None  # internal: the forward always returns it for affine
-        dw[4] = g.t() @ hbar.to(dtype)
+    hbar_acc = None
+    if hidden_output:
+        # T[b] = sum_k w^ h2[b,k]: G is dL/dh2-bar directly, and G . y = G . h2.
+        gw3_64 = g.double()
+        gb3_64 = torch.zeros(b, dtype=torch.float64, device=g.device)
+        gw3 = g
+    elif modulation == "affine":
+        if hbar is not None:
+            dw[4] = g.t() @ hbar.to(dtype)
+        else:
+            hbar_acc = torch.zeros(b, w.w3.shape[1], dtype=dtype, device=g.device)
         dw[5] = g.sum(dim=0)
-        # W3^T G[b] (B, h2) and G[b] . b3 (B,) reduce over OUT = m*m + m: in fp32 that loses
-        # about 1e-5 relative at m=256, so accumulate in float64, in OUT chunks.
-        gw3_64 = torch.zeros(b, w.w3.shape[1], dtype=torch.float64, device=g.device)
-        for o0 in range(0, g.shape[1], 8192):
-            gw3_64 += g[:, o0 : o0 + 8192].double() @ w.w3[o0 : o0 + 8192].double()
+        gw3_64 = _w3t_grad(g, w.w3)
         gb3_64 = g.double() @ w.b3.double()
         gw3 = gw3_64.to(dtype)
     else:
@@ -279,7 +300,9 @@ def adapter_reduce_backward(
             if wn is None
             else wn[q0:q1, k0:k1]
         )
-        if modulation == "affine":
+        if hbar_acc is not None:
+            _reduce_into(hbar_acc[q0:q1], h2, None if wn is None else wc, nq, nk, k)
+        if modulation == "affine" or hidden_output:
             gq = gw3[q0:q1]  # (nq, h2)
             dh2 = (wc.unsqueeze(2) * gq.unsqueeze(1)).reshape(nq * nk, -1)
             if gy_all is not None:
@@ -304,6 +327,8 @@ def adapter_reduce_backward(
         dw[1].add_(dz1.sum(dim=0))
         if grad_corpus is not None:
             grad_corpus.index_add_(0, idx, dz1 @ w.w1)
+    if hbar_acc is not None:
+        dw[4] = g.t() @ hbar_acc
     grad_fw = None
     if gy_all is not None:
         w64 = feedback_weights.double()  # type: ignore[union-attr]
@@ -427,6 +452,138 @@ def cached_reduce(
     return red
 
 
+def cached_reduce_backward(
+    grad_out: torch.Tensor,
+    cache: torch.Tensor,
+    ids: torch.Tensor,
+    weights: HyperNetWeights,
+    feedback_weights: torch.Tensor | None,
+    modulation: str,
+    chunk_rows: int,
+    need_cache: bool,
+    need_fw: bool,
+    need_out_layer: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`cached_reduce`, chunk by chunk (no (B, K, D) intermediate).
+
+    With ``c[b,k] = cache[ids[b,k]]``, ``red[b] = sum_k w^[b,k] c[b,k]`` and the output
+    ``T = red`` (diagonal) or ``T = W3 red + b3`` (affine), for the upstream grad G (B, OUT)::
+
+        R[b]          = G[b] (diagonal),   W3^T G[b] (affine; dW3 = G^T red, db3 = sum_b G[b])
+        dL/dcache[i]  = sum over (b, k) with ids[b,k] = i of w^[b,k] R[b]
+        dL/dw[b,k]    = (R[b] . c[b,k] - sum_j w^[b,j] R[b] . c[b,j]) / S_b
+
+    (for affine the ``G . b3`` term of ``G . y`` cancels in that difference). The HyperNet's
+    first two layers take no part, so they get no gradient.
+
+    Returns:
+        (d cache, d feedback_weights, d W3, d b3), each in its input's dtype or None when not
+        asked for (and d W3, d b3 always None for diagonal).
+    """
+    dtype = compute_dtype(weights.w1.dtype)
+    b, k = ids.shape
+    ids = ids.long()
+    g = grad_out.to(dtype)
+    wn = normalised_weights(feedback_weights, dtype)
+    affine = modulation == "affine"
+    r64 = _w3t_grad(g, weights.w3) if affine else g.double()
+    r = r64.to(dtype)
+    d_cache = torch.zeros(cache.shape, dtype=dtype, device=cache.device) if need_cache else None
+    red = None
+    if affine and need_out_layer:
+        red = torch.zeros(b, cache.shape[1], dtype=dtype, device=cache.device)
+    gy_all = None
+    if need_fw and feedback_weights is not None:
+        gy_all = torch.empty(b, k, dtype=torch.float64, device=cache.device)
+    for q0, q1, k0, k1 in query_chunks(b, k, chunk_rows):
+        nq, nk = q1 - q0, k1 - k0
+        idx = ids[q0:q1, k0:k1].reshape(-1)
+        wc = (
+            torch.full((nq, nk), 1.0 / k, dtype=dtype, device=cache.device)
+            if wn is None
+            else wn[q0:q1, k0:k1]
+        )
+        if red is not None or gy_all is not None:
+            rows = gather(cache, idx, dtype)
+            if red is not None:
+                _reduce_into(red[q0:q1], rows, None if wn is None else wc, nq, nk, k)
+            if gy_all is not None:
+                gy = torch.bmm(rows.double().view(nq, nk, -1), r64[q0:q1].unsqueeze(2))
+                gy_all[q0:q1, k0:k1] = gy.squeeze(2)
+        if d_cache is not None:
+            d_cache.index_add_(0, idx, (wc.unsqueeze(2) * r[q0:q1].unsqueeze(1)).flatten(0, 1))
+    d_fw = None
+    if gy_all is not None:
+        w64 = feedback_weights.double()  # type: ignore[union-attr]
+        s = w64.sum(dim=1, keepdim=True)
+        gt = (w64 / s * gy_all).sum(dim=1, keepdim=True)
+        d_fw = ((gy_all - gt) / s).to(feedback_weights.dtype)  # type: ignore[union-attr]
+    d_w3 = d_b3 = None
+    if red is not None:
+        d_w3 = (g.t() @ red).to(weights.w3.dtype)
+        d_b3 = g.sum(dim=0).to(weights.b3.dtype)
+    return (None if d_cache is None else d_cache.to(cache.dtype)), d_fw, d_w3, d_b3
+
+
+def adapter_backward(
+    grad: torch.Tensor,
+    corpus: torch.Tensor,
+    ids: torch.Tensor,
+    weights: HyperNetWeights,
+    feedback_weights: torch.Tensor | None,
+    cache: torch.Tensor | None,
+    modulation: str,
+    needs: tuple[bool, ...],
+    hidden_output: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """The analytic backward of every op of this family, in plain PyTorch (any device): the
+    ``backward`` the builtin CPU and Triton implementations carry for the custom operators.
+
+    ``adapter_reduce`` as is; ``document_transforms`` is ``adapter_reduce`` with ids
+    ``arange(N)`` as (N, 1) (``hidden_output`` for affine, whose output is h2);
+    ``corpus_transform`` is ``adapter_reduce`` with ids ``arange(N)`` as (1, N). Rows are
+    recomputed in chunks of :data:`DEFAULT_CHUNK_ROWS` (CPU tensors) or
+    :data:`GPU_CHUNK_ROWS`.
+
+    Args:
+        grad: (B, OUT) upstream gradient ((B, h2) with ``hidden_output``).
+        needs: which gradients to compute, for (corpus, feedback_weights, cache, w1, b1, w2,
+            b2, w3, b3).
+
+    Returns:
+        The nine gradients in that order, each in its input's dtype, None where not needed
+        (and for the corpus when a cache is given: the output does not depend on it then).
+    """
+    chunk = DEFAULT_CHUNK_ROWS if corpus.device.type == "cpu" else GPU_CHUNK_ROWS
+    if cache is not None:
+        d_cache, d_fw, d_w3, d_b3 = cached_reduce_backward(
+            grad, cache, ids, weights, feedback_weights, modulation, chunk,
+            need_cache=needs[2], need_fw=needs[1], need_out_layer=needs[7] or needs[8],
+        )  # fmt: skip
+        return (
+            None,
+            d_fw if needs[1] else None,
+            d_cache,
+            None, None, None, None,
+            d_w3 if needs[7] else None,
+            d_b3 if needs[8] else None,
+        )  # fmt: skip
+    dtype = compute_dtype(weights.w1.dtype)
+    grad_corpus, grad_fw, dw = adapter_reduce_backward(
+        grad, corpus, ids, cast_weights(weights, dtype), feedback_weights, None, modulation,
+        chunk, need_corpus=needs[0], need_fw=needs[1], hidden_output=hidden_output,
+    )  # fmt: skip
+    return (
+        None if grad_corpus is None else grad_corpus.to(corpus.dtype),
+        None if grad_fw is None else grad_fw.to(feedback_weights.dtype),  # type: ignore[union-attr]
+        None,
+        *(
+            d.to(p.dtype) if need else None
+            for d, p, need in zip(dw, weights, needs[3:], strict=True)
+        ),
+    )
+
+
 def adapter_reduce(
     corpus: torch.Tensor,
     ids: torch.Tensor,
@@ -457,6 +614,7 @@ def adapter_reduce(
 
 
 adapter_reduce.supports_autograd = True  # type: ignore[attr-defined]
+adapter_reduce.backward = adapter_backward  # type: ignore[attr-defined]
 
 
 def document_transforms(
@@ -501,6 +659,7 @@ def document_transforms(
 
 
 document_transforms.supports_autograd = True  # type: ignore[attr-defined]
+document_transforms.backward = adapter_backward  # type: ignore[attr-defined]
 
 
 def corpus_transform_via(
@@ -552,3 +711,4 @@ def corpus_transform(
 
 
 corpus_transform.supports_autograd = True  # type: ignore[attr-defined]
+corpus_transform.backward = adapter_backward  # type: ignore[attr-defined]

@@ -50,9 +50,8 @@ from imrnns_kernels.types import HyperNetWeights
 
 # Every dot of these kernels: the reduction tolerance needs fp32 products (see above).
 _DOT_PRECISION = "ieee"
-# Rows per chunk of the (recomputing) backward on GPU: (rows, 2m) fp32 temporaries, 128 MiB
-# at m=256.
-GPU_CHUNK_ROWS = 65536
+# Rows per chunk of the (recomputing) backward on GPU (defined beside that backward).
+GPU_CHUNK_ROWS = cpu_impl.GPU_CHUNK_ROWS
 # Rows per chunk of whole-corpus feedback, cut into pseudo-queries of _CORPUS_GROUP rows.
 CORPUS_CHUNK_ROWS = 1 << 20
 _CORPUS_GROUP = 256
@@ -553,6 +552,7 @@ def adapter_reduce(
 
 
 adapter_reduce.supports_autograd = True  # type: ignore[attr-defined]
+adapter_reduce.backward = cpu_impl.adapter_backward  # type: ignore[attr-defined]
 
 
 def document_transforms(
@@ -579,6 +579,7 @@ def document_transforms(
 
 
 document_transforms.supports_autograd = True  # type: ignore[attr-defined]
+document_transforms.backward = cpu_impl.adapter_backward  # type: ignore[attr-defined]
 
 
 def corpus_transform(
@@ -602,3 +603,4 @@ def corpus_transform(
 
 
 corpus_transform.supports_autograd = True  # type: ignore[attr-defined]
+corpus_transform.backward = cpu_impl.adapter_backward  # type: ignore[attr-defined]

@@ -4,15 +4,25 @@ Neither has a fused kernel: ``project`` is one GEMM and a row normalisation, and
 ``modulate_layernorm`` runs on (B, m) or (B, K, m) tensors that the scoring kernels never
 need materialised. Their PyTorch implementation (:mod:`imrnns_kernels.plain.reference`)
 serves every backend (:mod:`imrnns_kernels.dispatch`).
+
+Not custom operators, on purpose: ``torch.compile`` and ``torch.export`` trace their PyTorch
+code directly (inductor fuses the normalisation and the LayerNorm into their neighbours) and
+autograd differentiates it as it stands; an opaque operator would hide both and need a
+hand-written backward. While traced they skip the dispatcher (there is nothing to choose) and
+run :mod:`imrnns_kernels.plain.reference` itself (docs/compile.md).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from imrnns_kernels import _validation as checks
 from imrnns_kernels import dispatch
 from imrnns_kernels._runtime import needs_grad
+from imrnns_kernels.plain import reference
 
 __all__ = ["modulate_layernorm", "project"]
 
@@ -51,7 +61,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
                 f"{checks.describe(weight)}, got {checks.describe(bias)}"
             )
     checks.check_same_device(x=x, weight=weight, bias=bias)
-    fn = dispatch.implementation("project", x.device, needs_grad(x, weight, bias)).function
+    fn = _implementation("project", x.device, needs_grad(x, weight, bias))
     # x is computed in the projection's dtype; so is the bias (F.linear needs one dtype).
     return fn(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
 
@@ -100,5 +110,13 @@ def modulate_layernorm(
     if ln_weight.dtype != ln_bias.dtype or (ln_weight.dtype != dtype and not mixed_ok):
         ln_weight, ln_bias = ln_weight.to(dtype), ln_bias.to(dtype)
     grad = needs_grad(x, transform, ln_weight, ln_bias)
-    fn = dispatch.implementation("modulate_layernorm", x.device, grad).function
+    fn = _implementation("modulate_layernorm", x.device, grad)
     return fn(x, transform, ln_weight, ln_bias, modulation, eps)
+
+
+def _implementation(op: str, device: torch.device, grad: bool) -> Callable[..., Any]:
+    # The dispatcher reads the environment and imports modules: not traceable, and a plain
+    # op has only its PyTorch code to run anyway.
+    if checks.tracing():
+        return getattr(reference, op)
+    return dispatch.implementation(op, device, grad).function

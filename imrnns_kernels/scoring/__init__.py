@@ -16,8 +16,11 @@ modulated query ``q~_b``, the score of document d is::
 Implementations (chosen by :mod:`imrnns_kernels.dispatch`): :mod:`.triton` (fused kernels
 and :class:`.triton.ModulatedScoreFunction`), :mod:`.cpu` (chunked BLAS), :mod:`.reference`
 (the oracle); the one-pass algebra both fast paths use is :mod:`.moments`. Every entry here
-validates its inputs first. Tested in tests/test_modulated_score.py,
-tests/test_modulated_topk.py and tests/test_workspace.py.
+validates its inputs first, then calls its PyTorch custom operator (:mod:`.ops`,
+``torch.ops.imrnns.*``), inside which the implementation is chosen: ``torch.compile`` and
+``torch.export`` trace these functions without a graph break (docs/compile.md). Tested in
+tests/kernels/test_modulated_score.py, test_modulated_topk.py, test_workspace.py and
+test_custom_ops.py.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ from __future__ import annotations
 import torch
 
 from imrnns_kernels import _validation as checks
-from imrnns_kernels import dispatch
-from imrnns_kernels._runtime import needs_grad
+from imrnns_kernels.scoring import ops
 
 __all__ = ["modulated_score", "modulated_topk"]
 
@@ -60,17 +62,12 @@ def modulated_score(
         ValueError: an unknown modulation, mismatched shapes, ids out of range, NaN/Inf in
             the queries, transform or LayerNorm parameters, or several devices.
     """
-    _check_scoring(corpus, transform, ln_weight, ln_bias, queries, modulation)
-    checks.check_ids("ids", ids, corpus.shape[0])
-    if ids.shape[0] != queries.shape[0]:
-        raise ValueError(
-            f"ids has {ids.shape[0]} rows but there are {queries.shape[0]} queries "
-            f"(ids {checks.describe(ids)}, queries {checks.describe(queries)})"
-        )
-    checks.check_same_device(corpus=corpus, ids=ids)
-    grad = needs_grad(corpus, transform, ln_weight, ln_bias, queries)
-    fn = dispatch.implementation("modulated_score", corpus.device, grad).function
-    return fn(corpus, ids, transform, ln_weight, ln_bias, queries, modulation, eps)
+    ops.check_score_args(corpus, ids, transform, ln_weight, ln_bias, queries, modulation)
+    # Traced, the value checks above were skipped: the operator runs them when it executes.
+    validate = checks.tracing()
+    return ops.modulated_score_op(
+        corpus, ids, transform, ln_weight, ln_bias, queries, modulation, eps, validate
+    )
 
 
 def modulated_topk(
@@ -107,15 +104,10 @@ def modulated_topk(
             ``workspace_bytes`` that is not positive or too small for even one worker with a
             minimal chunk (the message names the minimum).
     """
-    _check_scoring(corpus, transform, ln_weight, ln_bias, queries, modulation)
-    checks.check_k(k)
-    if corpus.shape[0] == 0:
-        raise ValueError(f"corpus is empty ({checks.describe(corpus)})")
-    checks.check_workspace_bytes(workspace_bytes)
-    fn = dispatch.implementation("modulated_topk", corpus.device, needs_grad=False).function
-    if workspace_bytes is None:  # implementations registered without the argument still work
-        return fn(corpus, transform, ln_weight, ln_bias, queries, k, modulation, eps)
-    return fn(
+    ops.check_topk_args(
+        corpus, transform, ln_weight, ln_bias, queries, k, modulation, workspace_bytes
+    )
+    return ops.modulated_topk_op(
         corpus,
         transform,
         ln_weight,
@@ -124,34 +116,6 @@ def modulated_topk(
         k,
         modulation,
         eps,
-        workspace_bytes=workspace_bytes,
-    )
-
-
-def _check_scoring(
-    corpus: torch.Tensor,
-    transform: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    queries: torch.Tensor,
-    modulation: str,
-) -> None:
-    checks.check_modulation(modulation)
-    checks.check_float("corpus", corpus, 2)
-    checks.check_float("queries", queries, 2)
-    m = corpus.shape[1]
-    if queries.shape[1] != m:
-        raise ValueError(
-            f"queries dim {queries.shape[1]} does not match corpus dim {m} "
-            f"(queries {checks.describe(queries)}, corpus {checks.describe(corpus)})"
-        )
-    checks.check_transform("transform", transform, queries.shape[0], m, modulation)
-    checks.check_layernorm(ln_weight, ln_bias, m)
-    checks.check_same_device(
-        corpus=corpus, transform=transform, queries=queries, ln_weight=ln_weight, ln_bias=ln_bias
-    )
-    # The corpus is checked for NaN/Inf once when it enters an index, not on every search:
-    # a scan of a multi-GB corpus per query would cost as much as the search itself.
-    checks.check_all_finite(
-        queries=queries, transform=transform, ln_weight=ln_weight, ln_bias=ln_bias
+        workspace_bytes,
+        checks.tracing(),
     )

@@ -338,6 +338,7 @@ def modulated_score(
 
 
 modulated_score.supports_autograd = True  # type: ignore[attr-defined]
+modulated_score.backward = score_backward  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- exhaustive top-k

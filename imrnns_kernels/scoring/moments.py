@@ -32,7 +32,7 @@ shift y so that its mean is small, which keeps ``E2 - mu^2`` free of cancellatio
   ``W' = W - 1 (1^T W) / m``, ``b' = b - mean(b)``, so mean(y') = 0 exactly in real
   arithmetic (:func:`affine_prep`) and the moments are taken of ``y' = W' d + b'``.
 
-Verified against the float64 reference in tests/test_modulated_topk.py: the fp32 algebra
+Verified against the float64 reference in tests/kernels/test_modulated_topk.py: the fp32 algebra
 stays within 1e-7 of it on unit-norm inputs.
 """
 
