@@ -423,6 +423,9 @@ def run(
         "seconds_per_explanation": timing([done[p] for p in unique], methods),
         "ig_completeness": completeness([done[p] for p in unique]),
         "wall_seconds": time.perf_counter() - t_start,
+        # The pairs' own wall times, summed: the benchmark's cost also when it ran in several
+        # (resumed) invocations or is tabulated by --aggregate-only.
+        "pair_seconds": sum(done[p].get("pair_seconds", 0.0) for p in unique),
         "records": [done[p] for p in unique],
     }
 
@@ -545,7 +548,9 @@ def markdown(result: dict[str, Any], machine: str) -> str:
         "# Faithfulness of IMRNN explanations",
         "",
         f"`python -m benchmarks.explain_faithfulness --pairs {result['config'].get('pairs', '?')}`"
-        f"; {machine}; wall time {result['wall_seconds'] / 60:.1f} min. Drops (before - "
+        f"; {machine}; {result['unique_pairs']} distinct pairs in "
+        f"{result['pair_seconds'] / 60:.1f} min (sum of the pairs' wall times; this invocation "
+        f"{result['wall_seconds'] / 60:.1f} min). Drops (before - "
         "after deletion of the method's top-k words, re-encoded), mean over pairs; AOPC = mean "
         "over k. `added` = IMRNN - base (what the adapter added); `rr` = reciprocal rank.",
         "",

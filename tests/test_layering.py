@@ -188,3 +188,21 @@ def test_the_library_core_does_not_import_heavy_packages_at_import_time(heavy: s
             if heavy in {x.split(":")[0] for x in EXTERNAL[m] if x.endswith(":top")}
         )
         assert not users, (root, heavy, users)
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """``imrnns --help`` stays fast: building the parser imports no faiss, transformers,
+    sentence-transformers or triton (each command imports what it needs when it runs). torch
+    itself still loads, through the distributed options' defaults."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, imrnns.cli\n"
+        "from imrnns.cli import build_parser\n"
+        "build_parser()\n"
+        "heavy = [m for m in ('faiss', 'transformers', 'sentence_transformers', "
+        "'triton') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from imrnns._json import finite
-from imrnns.explain.words import DEFAULT_METHOD as DEFAULT_EXPLAIN_METHOD
-from imrnns.explain.words import WORD_METHODS
+from imrnns.explain.methods import DEFAULT_METHOD as DEFAULT_EXPLAIN_METHOD
+from imrnns.explain.methods import WORD_METHODS
 from imrnns.pretrained import default_adapter
 
 DEFAULT_ENCODER = "minilm"

@@ -60,14 +60,51 @@ from __future__ import annotations
 
 # The same names as the single module had in ``__all__``; the ``X as X`` imports are public
 # too (importable from here, as before) but were never part of ``import *``.
-from imrnns.explain.attribution import METHOD_FILTERED as METHOD_FILTERED
-from imrnns.explain.attribution import METHOD_PLAIN as METHOD_PLAIN
-from imrnns.explain.attribution import Explainer, Explanation, TokenScore, explain
-from imrnns.explain.attribution import projection_pinv as projection_pinv
-from imrnns.explain.faithfulness import FAITHFULNESS
-from imrnns.explain.rendering import format_table, render_html
-from imrnns.explain.vocabulary import STOP_WORDS, CorpusVocabulary, delete_words, word_spans
-from imrnns.explain.words import DEFAULT_METHOD, WORD_METHODS, WordEffects, WordExplainer
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from imrnns.explain.methods import DEFAULT_METHOD, WORD_METHODS
+
+if TYPE_CHECKING:
+    from imrnns.explain.attribution import METHOD_FILTERED as METHOD_FILTERED
+    from imrnns.explain.attribution import METHOD_PLAIN as METHOD_PLAIN
+    from imrnns.explain.attribution import Explainer, Explanation, TokenScore, explain
+    from imrnns.explain.attribution import projection_pinv as projection_pinv
+    from imrnns.explain.faithfulness import FAITHFULNESS
+    from imrnns.explain.rendering import format_table, render_html
+    from imrnns.explain.vocabulary import STOP_WORDS, CorpusVocabulary, delete_words, word_spans
+    from imrnns.explain.words import DEFAULT_METHOD, WORD_METHODS, WordEffects, WordExplainer
+
+# Loaded on first use (PEP 562): the command line imports the method names above without
+# torch, and ``imrnns --help`` stays fast.
+_LAZY = {
+    "METHOD_FILTERED": "imrnns.explain.attribution",
+    "METHOD_PLAIN": "imrnns.explain.attribution",
+    "Explainer": "imrnns.explain.attribution",
+    "Explanation": "imrnns.explain.attribution",
+    "TokenScore": "imrnns.explain.attribution",
+    "explain": "imrnns.explain.attribution",
+    "projection_pinv": "imrnns.explain.attribution",
+    "FAITHFULNESS": "imrnns.explain.faithfulness",
+    "format_table": "imrnns.explain.rendering",
+    "render_html": "imrnns.explain.rendering",
+    "STOP_WORDS": "imrnns.explain.vocabulary",
+    "CorpusVocabulary": "imrnns.explain.vocabulary",
+    "delete_words": "imrnns.explain.vocabulary",
+    "word_spans": "imrnns.explain.vocabulary",
+    "WordEffects": "imrnns.explain.words",
+    "WordExplainer": "imrnns.explain.words",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imrnns.explain' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_METHOD",

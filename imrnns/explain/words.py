@@ -55,6 +55,13 @@ import torch.nn.functional as F
 
 from imrnns.explain.attribution import Explanation, TokenScore, _is_instance
 from imrnns.explain.faithfulness import FAITHFULNESS
+from imrnns.explain.methods import (
+    DEFAULT_METHOD,
+    METHOD_INTEGRATED_GRADIENTS,
+    METHOD_OCCLUSION,
+    METHOD_WORD_GRADIENT,
+    WORD_METHODS,
+)
 from imrnns.explain.vocabulary import delete_words, word_spans
 from imrnns_kernels._validation import check_finite, check_float, describe
 
@@ -67,22 +74,6 @@ __all__ = [
     "WordEffects",
     "WordExplainer",
 ]
-
-METHOD_OCCLUSION = "occlusion"
-METHOD_INTEGRATED_GRADIENTS = "integrated-gradients"
-METHOD_GRADIENT_X_INPUT = "gradient-x-input"
-METHOD_WORD_GRADIENT = "word-gradient"
-WORD_METHODS = (
-    METHOD_OCCLUSION,
-    METHOD_INTEGRATED_GRADIENTS,
-    METHOD_GRADIENT_X_INPUT,
-    METHOD_WORD_GRADIENT,
-)
-# Chosen by benchmarks/explain_faithfulness.py (benchmarks/RESULTS.md, "Faithfulness of
-# explanations"): its top-5 document words lower the added score over 2x as much as 5 random
-# words and more than the 5 highest-IDF words, at milliseconds per explanation; occlusion
-# (exact, about twice as faithful) costs one encoder pass per word.
-DEFAULT_METHOD = METHOD_WORD_GRADIENT
 
 
 SIDES = ("query", "document")

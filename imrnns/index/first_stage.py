@@ -59,9 +59,11 @@ MAX_K = 2**31 - 1
 INSTALL_FAISS = (
     "pip install 'imrnns-kernels[faiss]' (faiss-cpu) or 'imrnns-kernels[gpu]' (faiss-gpu)"
 )
-# Bytes of one (B, rows) float32 score block of the torch scan; the running top-k's merge
-# temporaries come on top (TOPK_SLOT_BYTES per query and slot). Blocks of at least
-# MIN_BLOCK_ROWS documents keep the GEMMs efficient for large B.
+# Bytes of one (B, rows) float32 score block of the torch scan. A step peaks at about 4x
+# that (imrnns_kernels.topk counts survivors through an int64 copy of the block's mask), plus
+# the (B, k) running top-k: about 256 MiB whatever N and B. Smaller blocks cost time (a third
+# more at 16 MiB, 300 queries over 200,000 documents); blocks of at least MIN_BLOCK_ROWS
+# documents keep the GEMMs efficient for large B.
 SCORE_BLOCK_BYTES = 64 << 20
 MIN_BLOCK_ROWS = 1024
 # Results held at once while approximate stages re-search tied rows (rows x depth).
@@ -69,8 +71,9 @@ TIE_ENTRIES = 1 << 22
 # Batches of at most this many queries search a CPU flat stage with faiss when it is
 # installed, larger ones with torch. The rule follows the measurement in benchmarks/RESULTS.md
 # ("First stage: torch vs faiss"; python -m benchmarks.first_stage_timing): faiss's brute
-# force won only for a single query (no GEMM set-up, no torch.topk: 0.39 vs 0.56 ms on
-# SciFact), and lost from two queries up, by 3-9x at 300 queries (N = 5,183 and 200,000).
+# force won only for a single query (no GEMM set-up, no torch.topk: 0.37-0.43 vs 0.49-0.62 ms
+# on SciFact), and lost from two queries up; at 300 queries by 1.6-6x on SciFact (N = 5,183)
+# and 4.5-9x at N = 200,000.
 FAISS_MAX_BATCH = 1
 
 # faiss.METRIC_INNER_PRODUCT, as faiss files store it (readable without faiss).
@@ -353,6 +356,17 @@ def _widen(
 
 
 # ----------------------------------------------------------------------------- stages
+def _checked_depth(queries: Any, k: int, d: int, ntotal: int) -> int:
+    """``min(k, ntotal)``, the results a search computes, after checking its arguments."""
+    check_k(k)
+    if ntotal == 0:
+        raise ValueError("the first stage is empty: add() documents before searching")
+    if not isinstance(queries, torch.Tensor) or queries.dim() != 2 or queries.shape[1] != d:
+        got = tuple(queries.shape) if hasattr(queries, "shape") else type(queries).__name__
+        raise ValueError(f"queries must be a (B, {d}) tensor, got {got}")
+    return min(k, ntotal)
+
+
 class FlatStage:
     """Exact inner-product first stage over stored (N, d) float32 vectors (no faiss needed).
 
@@ -412,11 +426,10 @@ class FlatStage:
         Returns (scores (B, k) float32, ids (B, k) int64) on :attr:`device`. Work and
         memory follow ``min(k, N)``; only the returned (B, k) grows with k.
         """
-        check_k(k)
-        n = self.ntotal
-        if n == 0:
-            raise ValueError("the first stage is empty: add() documents before searching")
-        kk = min(k, n)
+        kk = _checked_depth(queries, k, self.d, self.ntotal)
+        if queries.shape[0] == 0:
+            none = torch.empty(0, 1, device=self.device)
+            return pad(none, none.long(), k)
         vectors = self.vectors
         queries = queries.to(self.device, torch.float32)
         if self.accelerator is not None:
@@ -491,11 +504,10 @@ class FaissStage:
 
         Returns CPU tensors (scores (B, k) float32, ids (B, k) int64).
         """
-        check_k(k)
         n = self.ntotal
-        if n == 0:
-            raise ValueError("the first stage is empty: add() documents before searching")
-        kk = min(k, n)
+        kk = _checked_depth(queries, k, self.d, n)
+        if queries.shape[0] == 0:
+            return pad(torch.empty(0, 1), torch.empty(0, 1, dtype=torch.int64), k)
         x = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
         exact = None
         flat = _flat_view(self.index)

@@ -495,7 +495,9 @@ def test_cli_explain_json_and_html(minilm, tmp_path: Path, capsys):
     html_text = html_path.read_text()
     for t in e["query_tokens"] + e["document_tokens"]:
         assert f'data-token="{t["token"]}"' in html_text
-    assert "Word scores: the signed effect" in html_text and "Faithfulness" in html_text
+    assert "Word scores: the signed effect" in html_text
+    if FAITHFULNESS.get(DEFAULT_METHOD):  # the benchmark's figures, once recorded
+        assert "Faithfulness" in html_text
     pair = ["explain", QUERY, "--document", DOC, "--checkpoint", str(ckpt)]
     cache = ["--cache", str(tmp_path / "cache")]
     assert main([*pair, "--method", "backprojection", "--json", *cache]) == 0

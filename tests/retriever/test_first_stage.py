@@ -322,6 +322,26 @@ def test_k_past_the_corpus_computes_n_results_and_pads(small_index, monkeypatch)
     assert sorted(fi[0, :50].tolist()) == list(range(50))
 
 
+def test_stage_searches_check_their_arguments(monkeypatch) -> None:
+    stage = first_stage.FlatStage(DIM)
+    with pytest.raises(ValueError, match="the first stage is empty"):
+        stage.search(torch.zeros(1, DIM), 3)
+    stage.add(np.eye(DIM, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"queries must be a \(B, 16\) tensor, got \(2, 5\)"):
+        stage.search(torch.ones(2, 5), 3)
+    for backend in ("torch", "faiss"):
+        monkeypatch.setenv("IMRNNS_FIRST_STAGE_BACKEND", backend)
+        s, i = stage.search(torch.empty(0, DIM), 40)
+        assert s.shape == (0, 40) and i.shape == (0, 40) and i.dtype == torch.int64, backend
+    index = faiss.IndexFlatIP(DIM)
+    index.add(np.eye(DIM, dtype=np.float32))
+    s, i = search_ties_by_lower_id(index, np.ones((2, DIM), dtype=np.float32), 20, DIM)
+    assert i[:, :DIM].tolist() == [list(range(DIM))] * 2 and (i[:, DIM:] == -1).all()
+    assert np.isneginf(s[:, DIM:]).all()
+    with pytest.raises(ValueError, match="holds 16 vectors, ntotal says 17"):
+        search_ties_by_lower_id(index, np.ones((2, DIM), dtype=np.float32), 3, 17)
+
+
 # --------------------------------------------------------------------------- backends
 def test_flat_backend_rule(monkeypatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
