@@ -220,6 +220,8 @@ def _explain_example(
         top_k=5,
         doc_ids=[doc_id],
         feedback=index,
+        query_embeddings=queries[row],
+        doc_embeddings=docs[col],
     )
     return {**ex.to_dict(), "document": None, "seconds": time.perf_counter() - t0}
 
