@@ -17,9 +17,17 @@ Three rules keep this safe around other people's files and other processes:
   device, which could block or be someone else's), and no live process holds its lock.
 - Readers (:func:`read_directory`) pin the directory they read and start again if a
   concurrent save swapped it while they read, so a load sees one complete version.
+- Swaps are ordered by one advisory lock on the target's parent directory
+  (:func:`_swap_lock`): a commit holds it exclusively for its check-and-swap (two renames,
+  never the writing or the deletion of the old version), and the replace check and the
+  resolution of a path to a directory hold it shared. So a check never scans a directory
+  another save is moving aside, and a reader never finds the target missing mid-swap. The
+  lock lives on a directory that exists anyway: no lock file is created beside the user's.
 
-Locks are ``fcntl.flock`` advisory locks (POSIX). Where ``fcntl`` does not exist (Windows)
-nothing is locked and, since a live temporary cannot then be told from a stale one, debris
+Locks are ``fcntl.flock`` advisory locks (POSIX). Where ``fcntl`` does not exist (Windows),
+or the file system refuses locks, nothing is locked: commits and reads then fall back on
+their bounded retry loops (a concurrent save or load can fail with a clear OSError), and
+since a live temporary cannot then be told from a stale one, debris
 is never removed automatically: stale ``.<name>.<8 characters>.tmp`` / ``.old`` siblings can
 be deleted by hand when no save runs. Everything else (atomic saves, the replace check,
 recovery of an interrupted swap, consistent reads) works the same.
@@ -53,6 +61,9 @@ T = TypeVar("T")
 # saves that swap the directory it reads.
 COMMIT_ATTEMPTS = 64
 READ_ATTEMPTS = 50
+# How long a save or a read waits for the swap lock (held for two renames at a time) before
+# giving up with an OSError: a stopped process holding it must not hang every other one.
+LOCK_WAIT_SECONDS = 30.0
 # A header JSON larger than this is not one of ours (ours are a few kB): never read it whole.
 MAX_HEADER_BYTES = 1 << 24
 # How many foreign entries a refusal lists (and how many are looked for: a refused directory
@@ -84,6 +95,56 @@ def _umask() -> int:
 def _mkdir_mode() -> int:
     """What ``mkdir`` would give a new directory: 0o777 less the umask (mkdtemp gives 0o700)."""
     return 0o777 & ~_umask()
+
+
+# The name of any save's temporary directory (see :func:`_own_debris`).
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+@contextlib.contextmanager
+def _swap_lock(path: Path, exclusive: bool) -> Iterator[None]:
+    """Hold the lock that orders swaps of ``path`` (a flock on its parent directory).
+
+    Exclusive for a commit's check-and-swap, shared for anything that must not see ``path``
+    half-swapped (the replace check, resolving ``path`` for a read). Waits at most
+    :data:`LOCK_WAIT_SECONDS`, polling (a blocking flock could wait forever on a stopped
+    process). Where locks do not exist (Windows) or the parent cannot be opened or locked
+    (some network file systems), nothing is held and the callers' retry loops apply; nor
+    inside a save's own temporary directory, which only that save writes.
+
+    Raises:
+        OSError: (EBUSY) another process held the lock for :data:`LOCK_WAIT_SECONDS`.
+    """
+    fd = None
+    # Inside a save's own temporary (an index writing its adapter) nothing else writes, and
+    # that temporary is flock-ed by its writer already (the debris lock): no swap lock there.
+    if fcntl is not None and not _TEMPORARY.fullmatch(path.parent.name):
+        with contextlib.suppress(OSError):
+            fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        if fd is not None:
+            operation = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            delay = 0.0002
+            while True:
+                try:
+                    fcntl.flock(fd, operation)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise OSError(
+                            errno.EBUSY,
+                            f"{path}: another process held the save lock of {path.parent} for "
+                            f"{LOCK_WAIT_SECONDS:.0f} s; nothing was changed, try again",
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(2 * delay, 0.02)
+                except OSError:
+                    break  # this file system has no locks: the retry loops cover it
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 # --------------------------------------------------------------------------- our formats
@@ -215,6 +276,12 @@ def check_replaceable(path: str | Path, layout: SaveLayout | str) -> None:
             raise TypeError(f"unknown save layout {layout!r}; known: {sorted(_LAYOUTS)}")
         layout = _LAYOUTS[layout]
     path = Path(path)
+    with _swap_lock(path, exclusive=False):  # no commit moves ``path`` while it is scanned
+        _check_replaceable(path, layout)
+
+
+def _check_replaceable(path: Path, layout: SaveLayout) -> None:
+    """:func:`check_replaceable` for a caller that holds the swap lock."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -519,40 +586,19 @@ def commit_directory(tmp: Path, path: str | Path, layout: SaveLayout | None = No
                 os.fsync(fh.fileno())
     fsync_dir(tmp)
     for _ in range(COMMIT_ATTEMPTS):
-        old, old_fd = None, None
+        aside: list[tuple[Path, int | None]] = []
         try:
-            if os.path.lexists(path):
-                if layout is not None:
-                    check_replaceable(path, layout)
-                try:
-                    # Locked while aside (unless its writer still holds it: then that lock
-                    # protects it), so no cleaner takes it for debris.
-                    old_fd, _ = _hold(path)
-                except FileNotFoundError:
-                    continue  # another save moved it aside first
-                old = _aside_name(path)
-                try:
-                    os.replace(path, old)
-                except FileNotFoundError:
-                    old = None
-                    continue  # another save moved it aside first
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                if os.path.lexists(path):
-                    continue  # another save put its directory there: ours replaces it
-                if old is not None:  # a real failure: put the previous content back
-                    with contextlib.suppress(OSError):
-                        os.replace(old, path)
-                        old = None
-                raise
-            fsync_dir(path.parent)
-            break
+            with _swap_lock(path, exclusive=True):
+                done = _swap_once(tmp, path, layout, aside)
         finally:
-            if old is not None:
+            # The previous version is deleted after the lock is released: deleting a large
+            # index takes long, and nobody reads it any more (it is no longer ``path``).
+            for old, old_fd in aside:
                 shutil.rmtree(old, ignore_errors=True)
-            if old_fd is not None:
-                os.close(old_fd)
+                if old_fd is not None:
+                    os.close(old_fd)
+        if done:
+            break
     else:
         raise OSError(
             errno.EBUSY,
@@ -560,6 +606,48 @@ def commit_directory(tmp: Path, path: str | Path, layout: SaveLayout | None = No
             "save was committed",
         )
     clean_debris(path)
+
+
+def _swap_once(
+    tmp: Path, path: Path, layout: SaveLayout | None, aside: list[tuple[Path, int | None]]
+) -> bool:
+    """Check ``path`` and swap ``tmp`` in; True when done, False to try again.
+
+    Called under the exclusive swap lock, so no other save of ours moves ``path`` meanwhile
+    (the retries serve file systems without locks). What is moved aside goes to ``aside``
+    as (its name, an fd locking it or None) for the caller to delete after the lock.
+    """
+    if os.path.lexists(path):
+        if layout is not None:
+            _check_replaceable(path, layout)
+        try:
+            # Locked while aside (unless its writer still holds it: then that lock protects
+            # it), so no cleaner takes it for debris.
+            old_fd, _ = _hold(path)
+        except FileNotFoundError:
+            return False  # another save moved it aside first
+        old = _aside_name(path)
+        try:
+            os.replace(path, old)
+        except FileNotFoundError:
+            if old_fd is not None:
+                os.close(old_fd)
+            return False  # another save moved it aside first
+        aside.append((old, old_fd))
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.lexists(path):
+            return False  # another save put its directory there: ours replaces it
+        if aside:  # a real failure: put the previous content back
+            with contextlib.suppress(OSError):
+                os.replace(aside[-1][0], path)
+                old_fd = aside.pop()[1]
+                if old_fd is not None:
+                    os.close(old_fd)
+        raise
+    fsync_dir(path.parent)
+    return True
 
 
 @contextlib.contextmanager
@@ -596,6 +684,12 @@ def resolve_directory(path: str | Path) -> Path:
     of exactly that name: never a link, FIFO or another path's debris).
     """
     path = Path(path)
+    with _swap_lock(path, exclusive=False):  # never between a commit's two renames
+        return _resolve_directory(path)
+
+
+def _resolve_directory(path: Path) -> Path:
+    """:func:`resolve_directory` for a caller that holds the swap lock."""
     if path.exists():
         return path
     # Exactly mkdtemp's names for this path (8 random characters): a bare glob would also
@@ -663,11 +757,12 @@ def read_directory(path: str | Path, read: Callable[[Path], T]) -> T:
     """
     path = Path(path)
     for attempt in range(READ_ATTEMPTS):
-        directory = resolve_directory(path)
-        try:
-            fd, identity = _pin(directory)
-        except FileNotFoundError:
-            continue  # swapped between resolving and pinning
+        with _swap_lock(path, exclusive=False):
+            directory = _resolve_directory(path)
+            try:
+                fd, identity = _pin(directory)
+            except FileNotFoundError:
+                continue  # swapped between resolving and pinning (only without locks)
         try:
             try:
                 result = read(directory)

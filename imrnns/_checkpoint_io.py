@@ -29,7 +29,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from imrnns._atomic import SaveLayout, atomic_directory, read_directory, read_format_json
+from imrnns._atomic import (
+    SaveLayout,
+    atomic_directory,
+    read_directory,
+    read_format_json,
+    resolve_directory,
+)
 from imrnns.config import IMRNNConfig
 
 if TYPE_CHECKING:
@@ -122,11 +128,16 @@ def read_checkpoint(
     path = Path(path)
     if semantics is not None and semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-    if path.is_dir() or (not path.exists() and path.suffix != ".pt"):
-        return read_directory(path, _read_directory)
+    # A file first: a directory save may be mid-swap (its name missing for an instant), and
+    # read_directory resolves that under the swap lock; a file is never swapped that way.
     if path.is_file():
         return _read_official(path, semantics)
-    raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".pt":
+        try:
+            resolve_directory(path)  # a directory save named *.pt, or nothing at all
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    return read_directory(path, _read_directory)
 
 
 def _read_directory(directory: Path) -> tuple[IMRNNConfig, dict[str, torch.Tensor], Path]:

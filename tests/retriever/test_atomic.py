@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,61 @@ def test_new_directories_and_files_follow_the_umask(tmp_path: Path, umask: int) 
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o666 & ~umask
+
+
+def _hold_swap_lock(parent: Path) -> subprocess.Popen[str]:
+    """Take the swap lock of saves into ``parent`` as another process would (exclusive)."""
+
+    code = (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(parent)!r}, os.O_RDONLY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_held_swap_lock_makes_saves_and_loads_fail_after_a_bounded_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped process holding the lock must not hang every save and load: they give up
+    with EBUSY after LOCK_WAIT_SECONDS and nothing on disk changes."""
+    import errno
+
+    import imrnns._atomic as atomic
+
+    target = tmp_path / "ck"
+    save_pretrained(model_v(1), target)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(atomic, "LOCK_WAIT_SECONDS", 0.3)
+    holder = _hold_swap_lock(tmp_path)
+    try:
+        with pytest.raises(OSError) as saving:
+            save_pretrained(model_v(2), target)
+        assert saving.value.errno == errno.EBUSY and str(tmp_path) in str(saving.value)
+        with pytest.raises(OSError) as resolving:
+            resolve_directory(target)
+        assert resolving.value.errno == errno.EBUSY
+    finally:
+        holder.communicate("", timeout=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert weights_equal(load_pretrained(target), model_v(1))
+    save_pretrained(model_v(2), target)  # the lock released: saves go on
+    assert weights_equal(load_pretrained(target), model_v(2))
+
+
+def test_a_save_inside_a_save_temporary_takes_no_swap_lock(tmp_path: Path) -> None:
+    """An index writes its adapter inside its own locked temporary: the nested save must not
+    wait for the lock its outer save holds (it would wait LOCK_WAIT_SECONDS, then fail)."""
+    import imrnns._atomic as atomic
+
+    with atomic_directory(tmp_path / "idx") as tmp:
+        assert atomic._TEMPORARY.fullmatch(tmp.name)
+        save_pretrained(model_v(1), tmp / "adapter")
+        (tmp / "manifest.json").write_text("{}")
+    assert weights_equal(load_pretrained(tmp_path / "idx" / "adapter"), model_v(1))

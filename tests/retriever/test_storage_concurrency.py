@@ -26,11 +26,6 @@ from imrnns import IMRNN, IMRNNConfig, IMRNNIndex
 from imrnns.checkpoints import load_pretrained, save_pretrained
 from tests.helpers import randomised, weights_equal
 
-# Known races, open (issue 17): on a loaded 2-core machine about 1 run in 3 a concurrent save
-# fails with FileNotFoundError on the other save's temporary, or a load racing saves finds no
-# directory mid-swap. Kept running (non-strict) so a fix shows up as XPASS.
-pytestmark = pytest.mark.xfail(reason="known save/load races, issue 17", strict=False)
-
 DIM, N = 16, 60
 SECONDS = 2.0  # how long each writer keeps saving
 JOIN_TIMEOUT = 30.0
