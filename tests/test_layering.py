@@ -191,9 +191,9 @@ def test_the_library_core_does_not_import_heavy_packages_at_import_time(heavy: s
 
 
 def test_the_command_line_starts_without_torch() -> None:
-    """``imrnns --help`` stays fast: building the parser imports no faiss, transformers,
-    sentence-transformers or triton (each command imports what it needs when it runs). torch
-    itself still loads, through the distributed options' defaults."""
+    """``imrnns --help`` stays fast: building the parser imports no torch, faiss,
+    transformers, sentence-transformers or triton (each command imports what it needs when
+    it runs)."""
     import subprocess
     import sys
 
@@ -201,7 +201,7 @@ def test_the_command_line_starts_without_torch() -> None:
         "import sys, imrnns.cli\n"
         "from imrnns.cli import build_parser\n"
         "build_parser()\n"
-        "heavy = [m for m in ('faiss', 'transformers', 'sentence_transformers', "
+        "heavy = [m for m in ('torch', 'faiss', 'transformers', 'sentence_transformers', "
         "'triton') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -1,7 +1,7 @@
 """``imrnns search --distributed``: sharded search under torchrun, on every rank.
 
-The flags (:func:`add_distributed_arguments`) and the command (:func:`run_distributed_search`)
-over :class:`imrnns.index.distributed.DistributedIMRNNIndex`; tested by
+The command (:func:`run_distributed_search`; its flags, :func:`add_distributed_arguments`, live
+in :mod:`imrnns.cli._distributed_args` without torch and are re-exported here) over :class:`imrnns.index.distributed.DistributedIMRNNIndex`; tested by
 tests/retriever/test_distributed.py (``test_cli_search_distributed_under_torchrun``) and
 tests/bad_input/test_bad_input.py. Launch::
 
@@ -11,7 +11,6 @@ tests/bad_input/test_bad_input.py. Launch::
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
+from imrnns._distributed_settings import DEFAULT_TIMEOUT_S
+from imrnns.cli._distributed_args import add_distributed_arguments, timeout_seconds_arg
 from imrnns.data import load_beir
+from imrnns.evaluate import index_similarity
 from imrnns.index.distributed import (
-    DEFAULT_TIMEOUT,
-    EXCHANGES,
-    MAX_TIMEOUT_S,
     DistributedIMRNNIndex,
     init_from_env,
     run_on_every_rank,
@@ -33,47 +32,7 @@ from imrnns.index.distributed import (
 from imrnns.model import IMRNN
 from imrnns.pretrained import default_adapter
 
-
-def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``imrnns search`` flags for sharded search under torchrun."""
-    parser.add_argument(
-        "--distributed",
-        action="store_true",
-        help="shard the index over the processes of a torchrun launch (torch.distributed)",
-    )
-    parser.add_argument(
-        "--dist-backend",
-        choices=("auto", "nccl", "gloo"),
-        default="auto",
-        help="process-group backend (auto: NCCL with GPUs, else gloo)",
-    )
-    parser.add_argument(
-        "--exchange",
-        choices=EXCHANGES,
-        default="rows",
-        help="feedback exchange: rows (bit-exact, default) or partial (less traffic)",
-    )
-    parser.add_argument(
-        "--dist-timeout",
-        type=timeout_seconds_arg,
-        default=DEFAULT_TIMEOUT.total_seconds(),
-        metavar="SECONDS",
-        help="bound on every wait for the other ranks (process group and index; default "
-        f"{DEFAULT_TIMEOUT.total_seconds():g}): a rank that hangs ends the job after this",
-    )
-
-
-def timeout_seconds_arg(value: str) -> float:
-    """``--dist-timeout``: a positive, finite number of seconds."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if not 0 < seconds <= MAX_TIMEOUT_S or math.isnan(seconds):
-        raise argparse.ArgumentTypeError(
-            f"must be a positive number of seconds up to {MAX_TIMEOUT_S}, got {value!r}"
-        )
-    return seconds
+__all__ = ["add_distributed_arguments", "run_distributed_search", "timeout_seconds_arg"]
 
 
 def run_distributed_search(
@@ -99,7 +58,7 @@ def run_distributed_search(
             "one process, then search it with --distributed --index DIR"
         )
     created = not (dist.is_available() and dist.is_initialized())
-    timeout = timedelta(seconds=getattr(args, "dist_timeout", DEFAULT_TIMEOUT.total_seconds()))
+    timeout = timedelta(seconds=getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S))
     rank, world, device = init_from_env(getattr(args, "dist_backend", "auto"), timeout=timeout)
 
     def everywhere(what: str, step: Callable[[], Any]) -> Any:
@@ -128,6 +87,7 @@ def run_distributed_search(
                 first_stage=args.first_stage,
                 storage_dtype=args.storage_dtype,
                 encoder=enc.fingerprint,
+                similarity=index_similarity(enc),
                 device=device,
                 exchange=exchange,
                 timeout=timeout,

@@ -83,6 +83,7 @@ import torch.distributed as dist
 
 import imrnns_kernels
 from imrnns._atomic import check_replaceable, resolve_directory
+from imrnns._distributed_settings import DEFAULT_TIMEOUT_S, EXCHANGES, MAX_TIMEOUT_S
 from imrnns.index.core import (
     SEARCH_CHUNK,
     STORAGE_DTYPES,
@@ -110,16 +111,12 @@ __all__ = [
     "shard_bounds",
 ]
 
-EXCHANGES = ("rows", "partial")
 # Largest single all-reduce message in the rows exchange; bounds the extra buffers NCCL/gloo
 # allocate for one call (a 4096-query block at feedback_k=100, m=256, fp32 is 420 MB).
 MAX_MESSAGE_BYTES = 64 << 20
-# Bound on every wait in a collective, and the process group's timeout from init_from_env:
-# long enough for a rank to load or add a large shard between two collectives, short enough
-# that a hung rank ends the job in minutes rather than torch's 10 (NCCL) or 30 (gloo).
-DEFAULT_TIMEOUT = timedelta(seconds=300)
-# timedelta's own limit is about 2.7e15 s; a year is more than any collective can need.
-MAX_TIMEOUT_S = 365 * 86400
+# Bound on every wait in a collective, and the process group's timeout from init_from_env
+# (the seconds live in a torch-free module: the command line's help shows them).
+DEFAULT_TIMEOUT = timedelta(seconds=DEFAULT_TIMEOUT_S)
 
 _T = TypeVar("_T")
 
