@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32"
     )
-    from imrnns.cli.distributed import add_distributed_arguments
+    from imrnns.cli._distributed_args import add_distributed_arguments
 
     add_distributed_arguments(sp)
     sp.set_defaults(func=cmd_search)
