@@ -45,6 +45,7 @@ def run_demo(
     """Run the demo; return (JSON-ready payload, human-readable report)."""
     from imrnns import IMRNN, IMRNNIndex
     from imrnns.encoders import resolve_encoder
+    from imrnns.evaluate import index_similarity
     from imrnns.pretrained import default_adapter
 
     test = load_beir(scifact_path(), "test")
@@ -59,8 +60,10 @@ def run_demo(
     ckpt = Path(checkpoint) if checkpoint else default_adapter()
     model = IMRNN.from_pretrained(ckpt)
     t0 = time.perf_counter()
-    index = IMRNNIndex(model, feedback_k=feedback_k, encoder=enc.fingerprint)
-    index.add(docs, doc_ids=test.corpus_ids)
+    index = IMRNNIndex(
+        model, feedback_k=feedback_k, encoder=enc.fingerprint, similarity=index_similarity(enc)
+    )
+    index.add(docs)  # default ids are rows: runs map them through test.corpus_ids
     build_s = time.perf_counter() - t0
 
     k = 100  # Recall@100 needs 100 results

@@ -2,8 +2,10 @@
 
 Protocol (the numbers BEIR publishes):
 
-- Base encoder: exact cosine search (the index's flat first stage, inner product of
-  L2-normalised embeddings), top-100 per query.
+- Base encoder: exact search by the encoder's own similarity (the index's flat first
+  stage): cosine (inner product of L2-normalised embeddings, all-MiniLM-L6-v2 and most
+  models) or, for dot-product models (TAS-B, Contriever), the raw inner product
+  (:func:`index_similarity`); top-100 per query.
 - IMRNN: :class:`imrnns.index.IMRNNIndex` with a flat first stage in the base-encoder space
   (the official protocol) and ``feedback_k`` feedback documents; ``mode="rerank"`` reorders
   the first stage's top ``feedback_k`` (official behaviour), ``mode="exhaustive"`` scores the
@@ -70,6 +72,7 @@ __all__ = [
     "evaluate_beir",
     "evaluate_embeddings",
     "imrnn_search",
+    "index_similarity",
     "run_out_paths",
     "write_per_query",
 ]
@@ -89,15 +92,19 @@ class EmbeddedSplit:
         corpus: (N, n) float32 document embeddings, parallel to ``dataset.corpus_ids``.
         queries: (Q, n) float32 query embeddings, parallel to ``dataset.query_ids``.
         encoder: a name or fingerprint of the encoder that produced them.
+        similarity: how the encoder compares them, ``"cosine"`` or ``"dot"``
+            (:func:`index_similarity`); the base retrieval and the IMRNN first stage use it.
     """
 
     dataset: BeirDataset
     corpus: np.ndarray = field(repr=False)
     queries: np.ndarray = field(repr=False)
     encoder: str = ""
+    similarity: str = "cosine"
 
     def __post_init__(self) -> None:
         ds = self.dataset
+        _check_similarity(self.similarity)
         for name, arr, rows in (
             ("corpus", self.corpus, ds.num_docs),
             ("queries", self.queries, ds.num_queries),
@@ -143,36 +150,85 @@ def embed_beir(
     dataset = data if isinstance(data, BeirDataset) else load_beir(data, split)
     encoder = resolve_encoder(encoder, cache_dir, show_progress)
     corpus = encoder.encode_document(dataset.corpus_texts)
+    similarity = index_similarity(encoder)  # before encoding: a refusal costs nothing
+    corpus = encoder.encode_document(dataset.corpus_texts)
     queries = encoder.encode_query(dataset.query_texts)
     # A callable without a fingerprint names nothing checkable: record no encoder.
-    return EmbeddedSplit(dataset, corpus, queries, encoder=encoder.fingerprint or "")
+    return EmbeddedSplit(
+        dataset, corpus, queries, encoder=encoder.fingerprint or "", similarity=similarity
+    )
 
 
 # ------------------------------------------------------------------------------ searching
 
+# The similarities an index's first stage serves (imrnns.index.core.INDEX_SIMILARITIES,
+# restated: importing the index here would load it with every evaluation import).
+_SIMILARITIES = ("cosine", "dot")
 
-def _unit(x: np.ndarray) -> np.ndarray:
+
+def _check_similarity(similarity: Any) -> None:
+    if similarity not in _SIMILARITIES:
+        raise ValueError(f"similarity must be one of {_SIMILARITIES}, got {similarity!r}")
+
+
+def index_similarity(encoder: Any) -> str:
+    """The index ``similarity`` (``"cosine"`` or ``"dot"``) that ranks as ``encoder`` does.
+
+    ``encoder`` is an :class:`imrnns.encoders.BaseEncoder` (its ``similarity``, the
+    sentence-transformers ``similarity_fn_name``, and ``normalized``) or a similarity name.
+    ``"cosine"`` and ``"dot"`` map to themselves. ``"euclidean"`` maps to ``"cosine"`` for an
+    encoder whose rows are unit-norm (``|q - d|^2 = 2 - 2 q.d`` there, so the rankings are
+    equal). Every other case raises ValueError naming the similarity: an inner-product first
+    stage cannot rank by ``-|q - d|`` of free-norm vectors, nor by the manhattan distance.
+    """
+    if isinstance(encoder, str):
+        similarity, normalized, name = encoder, False, "the encoder"
+    else:
+        similarity = getattr(encoder, "similarity", "cosine")
+        normalized = bool(getattr(encoder, "normalized", False))
+        name = f"encoder {getattr(encoder, 'name', type(encoder).__name__)!r}"
+    if similarity in _SIMILARITIES:
+        return similarity
+    if similarity == "euclidean" and normalized:
+        return "cosine"
+    raise ValueError(
+        f"{name} declares similarity {similarity!r}"
+        + (" on vectors that are not unit-norm" if similarity == "euclidean" else "")
+        + f": IMRNN indexes rank by inner product and support only {_SIMILARITIES} "
+        "(a euclidean model with a Normalize module ranks as cosine)"
+    )
+
+
+def _base_space(x: np.ndarray, similarity: str) -> np.ndarray:
+    """Rows as the base retriever compares them: unit rows (cosine) or unchanged (dot)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if similarity == "dot":
+        return x
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
 
 
 def base_search(
-    corpus: np.ndarray, queries: np.ndarray, k: int = RUN_DEPTH
+    corpus: np.ndarray, queries: np.ndarray, k: int = RUN_DEPTH, *, similarity: str = "cosine"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k of the base encoder: ((Q, min(k, N)) scores, ids), best first.
+    """Exact top-k of the base encoder: ((Q, min(k, N)) scores, ids), best first.
 
-    The index's exact flat first stage (:class:`imrnns.index.first_stage.FlatStage`: one
-    blocked GEMM and top-k in PyTorch, or faiss where that measures faster; no faiss needed),
-    so exact ties go to the lower id, the rule of every ranking in this package, at no extra
-    search (raw faiss keeps an arbitrary one of tied duplicates).
+    ``similarity="cosine"`` scores ``q.d / (|q| |d|)``, ``"dot"`` the raw ``q.d`` (the
+    encoder's own similarity: :func:`index_similarity`). The index's exact flat first stage
+    (:class:`imrnns.index.first_stage.FlatStage`: one blocked GEMM and top-k in PyTorch, or
+    faiss where that measures faster; no faiss needed), so exact ties go to the lower id, the
+    rule of every ranking in this package, at no extra search (raw faiss keeps an arbitrary
+    one of tied duplicates).
     """
     from imrnns.index.first_stage import FlatStage, check_k
 
     check_k(k)
+    _check_similarity(similarity)
     stage = FlatStage(corpus.shape[1])
-    stage.add(_unit(corpus))
-    scores, ids = stage.search(torch.from_numpy(_unit(queries)), min(k, corpus.shape[0]))
+    stage.add(_base_space(corpus, similarity))
+    scores, ids = stage.search(
+        torch.from_numpy(_base_space(queries, similarity)), min(k, corpus.shape[0])
+    )
     return scores.numpy(), ids.numpy()
 
 
@@ -184,8 +240,10 @@ def imrnn_search(
     mode: str = "rerank",
     k: int = RUN_DEPTH,
     feedback_k: int = 100,
+    similarity: str = "cosine",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """IMRNN top-k through :class:`IMRNNIndex` (flat first stage in the base space).
+    """IMRNN top-k through :class:`IMRNNIndex` (flat first stage in the base space, ranking
+    by ``similarity`` as :func:`base_search`; the IMRNN stage is the modulated cosine).
 
     The model's train/eval mode is restored afterwards (the index puts it in eval mode).
     """
@@ -195,7 +253,7 @@ def imrnn_search(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     was_training = model.training
     try:
-        index = IMRNNIndex(model, feedback_k=feedback_k, first_stage="flat")
+        index = IMRNNIndex(model, feedback_k=feedback_k, first_stage="flat", similarity=similarity)
         index.add(np.ascontiguousarray(corpus, dtype=np.float32))
         scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k, mode)
     finally:
@@ -506,10 +564,14 @@ def evaluate_embeddings(
         run = run_from_results(qids, ds.corpus_ids, scores, ids, keep_scores=True)
         return prepare_run(run, ignore_identical_ids=ignore_identical_ids, depth=depth)
 
-    computed = {"base": ranking(*base_search(split.corpus, queries, k))}
+    sim = split.similarity
+    computed = {"base": ranking(*base_search(split.corpus, queries, k, similarity=sim))}
     if model is not None:
         for mode in modes:
-            s, i = imrnn_search(model, split.corpus, queries, mode=mode, k=k, feedback_k=feedback_k)
+            s, i = imrnn_search(
+                model, split.corpus, queries, mode=mode, k=k, feedback_k=feedback_k,
+                similarity=sim,
+            )  # fmt: skip
             computed[f"imrnn-{mode}"] = ranking(s, i)
     compared = compare_runs(
         ds.qrels, {**computed, **runs}, reference=reference, metrics=measures, query_ids=qids,
@@ -522,6 +584,7 @@ def evaluate_embeddings(
         "num_queries": len(qids),
         "num_docs": ds.num_docs,
         "encoder": split.encoder,
+        "similarity": split.similarity,
         "feedback_k": feedback_k,
         "depth": depth,
     }

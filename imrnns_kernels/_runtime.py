@@ -83,6 +83,8 @@ _POOL_THREADS = 64
 
 # torch's thread count while a run_workers call has it at 1; None when no call is running.
 _SAVED_THREADS: int | None = None
+# One helper thread that never computes: it writes torch's process default (below).
+_DEFAULT_WRITER: ThreadPoolExecutor | None = None
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -90,6 +92,23 @@ def _pool() -> ThreadPoolExecutor:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="imrnns-worker")
     return _POOL
+
+
+def _restore_default_threads(threads: int) -> None:
+    """Make ``threads`` torch's thread count for threads that have not used torch yet,
+    leaving the calling thread's own count as it is.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP/MKL count and also the
+    process-wide default that every thread takes on its first parallel op. A worker or a
+    one-worker plan sets its own thread to 1, so without this a server thread that happened
+    to start during a search would stay at one intra-op thread for its whole life. Setting
+    the default from a thread that never computes leaves every computing thread's count
+    alone. Called with the workers' lock held; waits for the write.
+    """
+    global _DEFAULT_WRITER
+    if _DEFAULT_WRITER is None:
+        _DEFAULT_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imrnns-threads")
+    _DEFAULT_WRITER.submit(torch.set_num_threads, threads).result()
 
 
 def _reset_after_fork() -> None:
@@ -101,8 +120,9 @@ def _reset_after_fork() -> None:
     pool on first use, and torch's thread count, set to 1 by a call in flight in another
     parent thread, is put back.
     """
-    global _POOL, _WORKERS_LOCK, _SAVED_THREADS
+    global _POOL, _WORKERS_LOCK, _SAVED_THREADS, _DEFAULT_WRITER
     _POOL = None  # the old executor is never shut down: joining threads that do not exist hangs
+    _DEFAULT_WRITER = None
     _WORKERS_LOCK = threading.Lock()
     _LOCAL.in_worker = False
     if _SAVED_THREADS is not None:
@@ -131,9 +151,12 @@ def run_workers(
     per search).
 
     ``workers`` defaults to ``torch.get_num_threads()``. The calling thread is worker 0; the
-    others come from a persistent pool (see ``_POOL``). While the workers run, torch's thread
-    count is 1 (process-wide) and is restored afterwards; concurrent calls are serialised, and
-    a call from inside a worker (``body`` calling another op that uses workers) runs inline.
+    others come from a persistent pool (see ``_POOL``). Every worker runs at one intra-op
+    thread: the caller's own count is 1 while the workers run and restored afterwards; other
+    threads' counts, and the count a thread started meanwhile gets, are not changed
+    (:func:`_restore_default_threads`). Calls from several threads are serialised (one lock:
+    each call already uses the cores it was given), and a call from inside a worker (``body``
+    calling another op that uses workers) runs inline.
     """
     workers = torch.get_num_threads() if workers is None else workers
     workers = max(1, min(workers, num_items, _POOL_THREADS + 1))
@@ -156,11 +179,13 @@ def run_workers(
 
         def run(slot: int) -> None:
             _LOCAL.in_worker = True
-            if slot:
+            if slot and torch.get_num_threads() != 1:
                 # OpenMP's thread count is per thread: a pool thread left at the default
                 # would start its own team of OpenMP threads inside BLAS calls, which then
-                # compete with the caller's team.
+                # compete with the caller's team. Set once per pool thread (it stays at 1);
+                # the write also changed the process default, which is put back.
                 torch.set_num_threads(1)
+                _restore_default_threads(saved)
             previous_grad = torch.is_grad_enabled()
             torch.set_grad_enabled(grad_enabled)
             try:
@@ -177,6 +202,7 @@ def run_workers(
                 torch.set_grad_enabled(previous_grad)
 
         try:
+            _restore_default_threads(saved)
             futures = [_pool().submit(run, w) for w in range(1, workers)]
             run(0)
             wait(futures)
@@ -195,7 +221,8 @@ def one_intra_op_thread(workers: int) -> Iterator[None]:
     :func:`run_workers` runs a single worker inline, on torch's intra-op threads; many small
     per-query ops then wait on a barrier each, which made a budget that left one worker
     several times slower than two workers (benchmarks/RESULTS.md). Serialised with the
-    workers' lock, as :func:`run_workers` changes the process-wide thread count. A no-op for
+    workers' lock, as :func:`run_workers`; only the calling thread's count changes (the
+    process default is put back at once, :func:`_restore_default_threads`). A no-op for
     several workers, on one thread already, or inside a worker.
     """
     if workers > 1 or torch.get_num_threads() == 1 or getattr(_LOCAL, "in_worker", False):
@@ -206,6 +233,7 @@ def one_intra_op_thread(workers: int) -> Iterator[None]:
         saved = _SAVED_THREADS = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
+            _restore_default_threads(saved)
             yield
         finally:
             torch.set_num_threads(saved)

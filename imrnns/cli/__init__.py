@@ -99,6 +99,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def _build_index(args: argparse.Namespace, enc: Any) -> Any:
     from imrnns import IMRNN, IMRNNIndex
     from imrnns.data import load_beir
+    from imrnns.evaluate import index_similarity
 
     if args.index:
         return IMRNNIndex.load(args.index)
@@ -110,6 +111,7 @@ def _build_index(args: argparse.Namespace, enc: Any) -> Any:
         first_stage=args.first_stage,
         storage_dtype=args.storage_dtype,
         encoder=enc.fingerprint,
+        similarity=index_similarity(enc),
     )
     index.add(enc.encode_document(data.corpus_texts), doc_ids=data.corpus_ids)
     if args.save_index:
@@ -146,14 +148,20 @@ def cmd_search(args: argparse.Namespace) -> int:
         workspace_bytes=getattr(args, "workspace_mb", None),
     )
     ms = (time.perf_counter() - t0) * 1e3
-    names = index.doc_ids
+    # String ids (documents added with doc_ids=) come back as names; "id" stays the row.
+    row_of = {name: r for r, name in enumerate(index.doc_ids or ())}
     results = []
     lines = []
     for text, srow, irow in zip(args.query, scores, ids, strict=True):
         hits = [
-            {"rank": r + 1, "id": int(i), "doc_id": names[i] if names else None, "score": float(s)}
+            {
+                "rank": r + 1,
+                "id": row_of[i] if isinstance(i, str) else int(i),
+                "doc_id": i if isinstance(i, str) else None,
+                "score": float(s),
+            }
             for r, (s, i) in enumerate(zip(srow, irow, strict=True))
-            if i >= 0
+            if isinstance(i, str) or (i is not None and i >= 0)
         ]
         results.append({"query": text, "hits": hits})
         lines.append(f"query: {text}")
@@ -297,7 +305,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _, hits = index.search(q_emb, k=args.k, mode=args.mode, encoder=enc.fingerprint)
         texts = dict(zip(data.corpus_ids, data.corpus_texts, strict=True))
         names = index.doc_ids or data.corpus_ids
-        rows = [(r, int(i)) for r in range(len(queries)) for i in hits[r] if i >= 0]
+        # String ids (documents added with doc_ids=) come back as names: map them to rows.
+        row_of = {name: r for r, name in enumerate(names)}
+        rows = [
+            (r, row_of[i] if isinstance(i, str) else int(i))
+            for r in range(len(queries))
+            for i in hits[r]
+            if isinstance(i, str) or (i is not None and i >= 0)
+        ]
         qt = [queries[r] for r, _ in rows]
         ids = [names[i] for _, i in rows]
         dt = [texts.get(name, "") for name in ids]

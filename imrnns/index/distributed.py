@@ -663,6 +663,11 @@ class DistributedIMRNNIndex:
         self.local = self._comm.run("DistributedIMRNNIndex()", build)
         self._gids = torch.empty(0, dtype=torch.int64, device=self.local.device)
         self._ntotal = 0
+        # The next global id an add gives (ids of removed documents are not reused).
+        self._next_gid = 0
+        # (local rows,) bool: rows removed here but still stored by the local index (its
+        # tombstones); None while there are none. _gids drops them when the local compacts.
+        self._removed: torch.Tensor | None = None
         self._named: bool | None = None
         self._agree("the model and index settings", self._settings_signature())
 
@@ -764,7 +769,7 @@ class DistributedIMRNNIndex:
         x, was_numpy = self._checked("add()", _batch_signature(embeddings, doc_ids), validate)
         n = x.shape[0]
         lo, hi = shard_bounds(n, self.world_size, self.rank)
-        start = self._ntotal
+        start = self._next_gid
 
         def add_block() -> None:
             if hi > lo:
@@ -800,7 +805,7 @@ class DistributedIMRNNIndex:
         counts = [int(c) for c, _ in shapes]
         if len({bool(named) for _, named in shapes}) > 1:
             raise ValueError("doc_ids must be given on every rank or on none")
-        start = self._ntotal + sum(counts[: self.rank])
+        start = self._next_gid + sum(counts[: self.rank])
 
         def add_rows() -> None:
             if x.shape[0] > 0:
@@ -834,14 +839,113 @@ class DistributedIMRNNIndex:
         if self._named is not None and self._named != (doc_ids is not None):
             raise ValueError("doc_ids must be given on every add() or on none")
         if doc_ids is not None:
-            check_unique_doc_ids(doc_ids, self.local.doc_ids or ())
+            check_unique_doc_ids(doc_ids, ())  # within the batch
+            taken = np.zeros(0, dtype=np.int64)
+            if self.local.ntotal:  # live names of this shard (a removed name may come back)
+                taken = self.local.rows_of(list(doc_ids), skip_unknown=True)
+            if taken.size:
+                shown = ", ".join(repr(d) for d in self.local.ids_at(taken[:5]))
+                more = f" and {taken.size - 5} more" if taken.size > 5 else ""
+                raise ValueError(f"doc_ids must be new: {shown}{more} already in the index")
         return x, was_numpy
 
     def _extend(self, lo: int, hi: int, added: int, named: bool) -> None:
         new = torch.arange(lo, hi, dtype=torch.int64, device=self._gids.device)
         self._gids = torch.cat([self._gids, new])
+        if self._removed is not None:
+            self._removed = torch.cat([self._removed, torch.zeros_like(new, dtype=torch.bool)])
         self._ntotal += added
+        self._next_gid += added
         self._named = named
+
+    # ------------------------------------------------------------------ removing
+    def remove(self, ids: Any) -> int:
+        """Collective: remove documents by global id (or by name for a named index).
+
+        Every rank passes the same ids. Each rank finds the ones its shard holds and removes
+        them from its local index (tombstones, compacted as ``IMRNNIndex.remove`` does); one
+        sum all-reduce finds ids no rank holds (never added, or already removed), which
+        raise ValueError naming them on every rank before anything changes. Global ids of
+        the other documents do not change, and later adds continue after the largest id
+        ever given. Searches then equal those of one process's index without the removed
+        documents (ties still by global id).
+
+        Returns:
+            The number of documents removed.
+        """
+        what = "remove()"
+
+        def validate() -> tuple[torch.Tensor, list[Any], set[Any]]:
+            if isinstance(ids, np.ndarray | torch.Tensor) and ids.dtype in (np.bool_, torch.bool):
+                raise TypeError("remove() takes a collection of ids, not a boolean mask")
+            return self._held_rows(ids, what)
+
+        rows, keys, held = self._checked(what, _allow_signature(ids), validate)
+        self._check_all_held(keys, held, what)
+
+        def drop() -> None:
+            if rows.numel() == 0:
+                return
+            self.local.remove(self.local.ids_at(rows.cpu().numpy()))
+            if self._removed is None:
+                self._removed = torch.zeros_like(self._gids, dtype=torch.bool)
+            self._removed[rows] = True
+            if self.local.projected_corpus.shape[0] == self.local.ntotal:  # it compacted
+                self._gids = self._gids[~self._removed]
+                self._removed = None
+
+        self._step(what, drop, breaks=True)
+        self._ntotal -= len(keys)
+        return len(keys)
+
+    def _held_rows(self, ids: Any, what: str) -> tuple[torch.Tensor, list[Any], set[Any]]:
+        """(this shard's live local rows of ``ids``, sorted; the sorted unique ids; the ones
+        this shard holds). Ids: global ints, or names for a named index."""
+        dev = self._gids.device
+        if isinstance(ids, str | bytes | int) or not isinstance(
+            ids, Sequence | set | frozenset | np.ndarray | torch.Tensor | range
+        ):
+            raise TypeError(
+                f"{what} must be a collection of ids (set, list, array), got {type(ids).__name__}"
+            )
+        values = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else ids
+        if isinstance(values, np.ndarray):
+            values = values.ravel().tolist()
+        keys_in = [int(d) if isinstance(d, np.integer) else d for d in values]
+        if self._named:
+            if not all(isinstance(d, str) for d in keys_in):
+                raise TypeError(f"{what}: this index holds named documents: give their names")
+            keys = sorted(set(keys_in))
+            rows = np.zeros(0, dtype=np.int64)
+            if self.local_ntotal:
+                rows = self.local.rows_of(keys, skip_unknown=True)
+            table = self.local.doc_ids or []
+            return torch.as_tensor(rows, device=dev), keys, {table[r] for r in rows.tolist()}
+        wrong = [d for d in keys_in if not isinstance(d, int) or isinstance(d, bool)]
+        if wrong:
+            raise TypeError(f"{what}: this index holds int ids, got {wrong[:5]}")
+        keys = sorted(set(keys_in))
+        wanted = torch.as_tensor(keys, dtype=torch.int64, device=dev).reshape(-1)
+        owned, pos = self._locate(wanted)
+        if self._removed is not None and pos.numel():
+            owned &= ~self._removed[pos]
+        return pos[owned], keys, set(wanted[owned].tolist())
+
+    def _check_all_held(self, keys: list[Any], held: set[Any], what: str) -> None:
+        """Raise ValueError on every rank naming the ``keys`` no shard holds (one sum)."""
+        found = torch.tensor([float(key in held) for key in keys], dtype=torch.float32)
+        self._comm.reduce_([found], what, exact=False)
+        unknown = [key for key, c in zip(keys, found.tolist(), strict=True) if c == 0]
+        if unknown:  # every rank summed the same counts: every rank raises here
+            shown = ", ".join(map(repr, unknown[:5]))
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise ValueError(f"{what}: ids not in the index: {shown}{more}")
+
+    def _live_rows(self) -> torch.Tensor | None:
+        """This shard's local rows not removed, or None when none is removed."""
+        if self._removed is None:
+            return None
+        return torch.nonzero(~self._removed).flatten()
 
     # ------------------------------------------------------------------ shard construction
     @classmethod
@@ -859,6 +963,13 @@ class DistributedIMRNNIndex:
 
         Each rank keeps its contiguous block (projected rows, cache rows, first-stage vectors).
         """
+        if index.projected_corpus.shape[0] != index.ntotal or (
+            index.id_kind == "int" and not np.array_equal(index.ids, np.arange(index.ntotal))
+        ):
+            raise ValueError(
+                "from_index(): the sharded index numbers documents by position; this index "
+                "has removed documents or int ids other than 0 .. N - 1"
+            )
         cfg = index.settings()
         out = cls(
             index.model,
@@ -923,6 +1034,12 @@ class DistributedIMRNNIndex:
             digest = _manifest_digest(d)
             manifest = _read_manifest(d, verify)
             _check_unchanged(d, digest, comm.rank)
+            if "ids" in manifest:
+                raise IndexError_(
+                    f"{d}: saved with int ids other than 0 .. N - 1 or with removed documents "
+                    f"(ids {manifest['ids']}); the sharded index numbers documents by position "
+                    "and loads neither: load it with IMRNNIndex.load"
+                )
             return manifest, d, digest
 
         manifest, d, digest = comm.run("load()", read, signature=str(directory))
@@ -985,6 +1102,10 @@ class DistributedIMRNNIndex:
         self._checked(what, str(directory), validate)
 
         def piece() -> tuple[Any, ...]:
+            if self._removed is not None:  # rows of removed documents are not saved
+                self.local.compact()
+                self._gids = self._gids[~self._removed]
+                self._removed = None
             cache = self.local.document_cache
             return (
                 self._gids.cpu(),
@@ -1010,8 +1131,9 @@ class DistributedIMRNNIndex:
         pieces = [p for p in pieces if p[0].numel() > 0]
         gids = torch.cat([p[0] for p in pieces])
         order = torch.argsort(gids)
-        if not torch.equal(gids[order], torch.arange(self._ntotal)):
-            raise ValueError("the shards' global ids do not cover 0 .. ntotal - 1 exactly once")
+        ordered = gids[order]
+        if ordered.numel() != self._ntotal or bool((ordered[1:] <= ordered[:-1]).any()):
+            raise ValueError("the shards' global ids do not hold each document exactly once")
         corpus = torch.cat([p[1] for p in pieces])[order]
         caches = [p[2] for p in pieces]
         cache = None if caches[0] is None else torch.cat(caches)[order]
@@ -1023,8 +1145,19 @@ class DistributedIMRNNIndex:
         cfg = self.local.settings()
         if cfg.get("first_stage") == "ivf":
             cfg["nlist"] = None  # sized for the whole corpus again
+        # Global ids with gaps (removed documents) are saved as the documents' int ids.
+        ids = None
+        if names is None and not torch.equal(ordered, torch.arange(self._ntotal)):
+            ids = ordered.numpy()
         return IMRNNIndex.from_parts(
-            self.model, corpus, vectors, document_cache=cache, doc_ids=names, device="cpu", **cfg
+            self.model,
+            corpus,
+            vectors,
+            document_cache=cache,
+            doc_ids=names,
+            ids=ids,
+            device="cpu",
+            **cfg,
         )
 
     def _install(self, local: IMRNNIndex, lo: int, ntotal: int, named: bool) -> None:
@@ -1032,6 +1165,8 @@ class DistributedIMRNNIndex:
         self.local = local
         self._gids = torch.arange(lo, lo + local.ntotal, dtype=torch.int64, device=local.device)
         self._ntotal = ntotal
+        self._next_gid = ntotal
+        self._removed = None
         self._named = named
 
     # ------------------------------------------------------------------ searching
@@ -1060,29 +1195,46 @@ class DistributedIMRNNIndex:
         feedback_k: int | None = None,
         encoder: str | None = None,
         workspace_bytes: int | None = None,
+        allow: Any = None,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
         """Collective top-k over the whole sharded corpus; same contract as ``IMRNNIndex.search``.
 
-        Every rank passes the same queries and gets the same global (scores, ids).
-        ``workspace_bytes`` bounds this rank's exhaustive scan of its shard (as
+        Every rank passes the same queries and gets the same global (scores, ids): global
+        ids (positions in add order) also when the documents are named (:meth:`doc_names`
+        maps them). ``workspace_bytes`` bounds this rank's exhaustive scan of its shard (as
         ``IMRNNIndex.search``); ranks may pass different values (the results do not depend
         on it), and a budget too small on one rank raises ``ValueError`` on every rank.
+
+        ``allow`` (the same on every rank) restricts the search as ``IMRNNIndex.search``
+        does, with the result of one process's index given the same ``allow``: a collection
+        of global ids (or of names, for a named index: each rank looks up the names it
+        holds, and one sum all-reduce finds names no rank holds, which raise ValueError on
+        every rank), or a boolean mask of shape (``ntotal``,) over global ids. Each shard's
+        first stage and exhaustive scan search only its allowed rows; an empty selection
+        gives padding only.
         """
-        sig = _call_signature(queries, k, mode, feedback_k, encoder)
+        sig = _call_signature(queries, k, mode, feedback_k, encoder) + _allow_signature(allow)
 
-        def validate() -> tuple[torch.Tensor, bool, int]:
+        def validate() -> tuple[Any, ...]:
             check_workspace_bytes(workspace_bytes)
-            return self._validate_search(queries, k, mode, feedback_k, encoder)
+            q, was_numpy, kf = self._validate_search(queries, k, mode, feedback_k, encoder)
+            return (q, was_numpy, kf, *self._allowed_rows(allow))
 
-        q, was_numpy, kf = self._checked("search()", sig, validate)
+        q, was_numpy, kf, rows, allowed = self._checked("search()", sig, validate)
+        if allowed is not None:
+            allowed = self._count_allowed(rows, allowed)
+            kf = min(kf, allowed)
         # The same query blocks as one process (per-row results of batched kernels then
         # match one process's), each cut into equal parts when query_block caps them.
         outs = []
         for lo in range(0, q.shape[0], SEARCH_CHUNK):
             block = q[lo : lo + SEARCH_CHUNK]
+            if allowed == 0:  # the same on every rank: no collective
+                outs.append(self._padding(block.shape[0], k))
+                continue
             parts = 1 if self.query_block is None else -(-block.shape[0] // self.query_block)
             outs += [
-                self._search_chunk(p, k, mode, kf, workspace_bytes)
+                self._search_chunk(p, k, mode, kf, workspace_bytes, rows)
                 for p in block.tensor_split(parts)
             ]
         scores = torch.cat([o[0] for o in outs]) if outs else torch.empty(0, k)
@@ -1090,6 +1242,49 @@ class DistributedIMRNNIndex:
         if was_numpy:
             return scores.cpu().numpy(), ids.cpu().numpy()
         return scores, ids
+
+    def _padding(self, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.full((b, k), float("-inf"), device=self.device),
+            torch.full((b, k), -1, dtype=torch.int64, device=self.device),
+        )
+
+    def _allowed_rows(self, allow: Any) -> tuple[torch.Tensor | None, Any]:
+        """(this shard's allowed live local rows, sorted int64, or None: every row; what the
+        global count needs): the count itself for masks and ``allow=None`` (every rank knows
+        it), or, for ids and names, the sorted unique ids with the ones this shard holds
+        (summed by :meth:`_count_allowed`)."""
+        if allow is None:
+            live = self._live_rows()
+            return live, None if live is None else self._ntotal
+        dev = self._gids.device
+        if isinstance(allow, np.ndarray | torch.Tensor) and allow.dtype in (np.bool_, torch.bool):
+            if self._removed is not None or self._next_gid != self._ntotal:
+                raise ValueError(
+                    "allow as a boolean mask needs an index without removed documents (its "
+                    "entries are global ids 0 .. ntotal - 1): give a collection of ids"
+                )
+            mask = allow.detach().cpu().numpy() if isinstance(allow, torch.Tensor) else allow
+            if mask.shape != (self._ntotal,):
+                raise ValueError(
+                    f"allow as a boolean mask must have shape ({self._ntotal},) (one entry per "
+                    f"global id), got {mask.shape}"
+                )
+            rows = torch.zeros(0, dtype=torch.int64, device=dev)
+            if self._gids.numel():
+                rows = torch.nonzero(torch.from_numpy(mask).to(dev)[self._gids]).flatten()
+            return rows, int(mask.sum())
+        rows, keys, held = self._held_rows(allow, "allow")
+        return rows, (keys, held)
+
+    def _count_allowed(self, rows: torch.Tensor | None, allowed: Any) -> int:
+        """The global number of allowed documents (ids and names: one sum over ranks of
+        which each shard holds; one no shard holds raises ValueError on every rank)."""
+        if not isinstance(allowed, tuple):
+            return int(allowed)
+        keys, held = allowed
+        self._check_all_held(keys, held, "allow")
+        return len(keys)
 
     def _locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(owned by this rank, local row or 0) for a table of global ids."""
@@ -1104,15 +1299,16 @@ class DistributedIMRNNIndex:
     # on every rank) and collectives; every collective is preceded by the step computing its
     # input, and the block ends with a step, so no rank is left waiting or returns alone.
     def _local_first_stage(
-        self, q: torch.Tensor, pq: torch.Tensor, kf: int
+        self, q: torch.Tensor, pq: torch.Tensor, kf: int, rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This shard's top ``kf``: (B, kf) float32 scores and global ids, -inf / -1 padded."""
+        """This shard's top ``kf`` (of its allowed ``rows`` when given): (B, kf) float32
+        scores and global ids, -inf / -1 padded."""
         b = q.shape[0]
         scores = torch.full((b, kf), float("-inf"), device=self.device)
         ids = torch.full((b, kf), -1, dtype=torch.int64, device=self.device)
-        kl = min(kf, self.local_ntotal)
+        kl = min(kf, self.local_ntotal if rows is None else int(rows.numel()))
         if kl > 0:
-            ls, li = self.local.first_stage_topk(q, pq, kl)
+            ls, li = self.local.first_stage_topk(q, pq, kl, None if rows is None else rows.cpu())
             ok = li >= 0
             scores[:, :kl] = torch.where(ok, ls.float(), torch.full_like(ls.float(), float("-inf")))
             ids[:, :kl] = torch.where(ok, self._gids[li.clamp(min=0)], torch.full_like(li, -1))
@@ -1142,7 +1338,13 @@ class DistributedIMRNNIndex:
         return out
 
     def _search_chunk(
-        self, q: torch.Tensor, k: int, mode: str, kf: int, workspace_bytes: int | None = None
+        self,
+        q: torch.Tensor,
+        k: int,
+        mode: str,
+        kf: int,
+        workspace_bytes: int | None = None,
+        allowed_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One block of ``IMRNNIndex.search`` (first stage, query state, scoring), step for
         step, over the global corpus.
@@ -1161,7 +1363,7 @@ class DistributedIMRNNIndex:
         def first_stage() -> tuple[torch.Tensor, ...]:
             qd = q.to(dev)
             pq = model.project(qd)
-            return (pq, *self._local_first_stage(qd, pq, kf))
+            return (pq, *self._local_first_stage(qd, pq, kf, allowed_rows))
 
         pq, scores, ids = comm.attempt(first_stage, lambda: (None, *padded(kf)))
         gathered = comm.gather([scores, ids], what)
@@ -1196,7 +1398,7 @@ class DistributedIMRNNIndex:
                 flat = torch.arange(b * kf, device=dev).view(b, kf)
                 tq, _, q_tilde = model.query_state(pq, rows, flat, weights, cache)
                 if mode == "exhaustive":
-                    return self._local_topk(tq, q_tilde, k, workspace_bytes)
+                    return self._local_topk(tq, q_tilde, k, workspace_bytes, allowed_rows)
                 scores = model.score_ids(rows, flat, tq, q_tilde)
                 return self._best(scores, valid, fs_ids, k)
 
@@ -1223,7 +1425,7 @@ class DistributedIMRNNIndex:
             def state() -> Any:
                 q_tilde = self._partial_finish(pq, own)
                 if mode == "exhaustive":
-                    return self._local_topk(tq, q_tilde, k, workspace_bytes)
+                    return self._local_topk(tq, q_tilde, k, workspace_bytes, allowed_rows)
                 return self._partial_owned_scores(safe_ids, tq, q_tilde)
 
             if mode == "rerank":
@@ -1304,18 +1506,28 @@ class DistributedIMRNNIndex:
         return scores
 
     def _local_topk(
-        self, tq: torch.Tensor, q_tilde: torch.Tensor, k: int, workspace_bytes: int | None = None
+        self,
+        tq: torch.Tensor,
+        q_tilde: torch.Tensor,
+        k: int,
+        workspace_bytes: int | None = None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This shard's exhaustive top k: (B, k) float32 scores and global ids."""
+        """This shard's exhaustive top k (of its allowed ``rows`` when given): (B, k) float32
+        scores and global ids."""
         model, cfg = self.model, self.model.config
         b = tq.shape[0]
         s = torch.full((b, k), float("-inf"), device=self.device)
         gi = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
-        if self.local_ntotal > 0:
+        corpus = self.local.projected_corpus
+        gids = self._gids
+        if rows is not None:  # the allowed rows alone, in order (as one index of them)
+            corpus, gids = corpus.index_select(0, rows.to(corpus.device)), gids[rows]
+        if corpus.shape[0] > 0:
             # workspace_bytes may differ by rank: a budget too small for this shard raises
             # here, and on every rank through the step.
             s, li = imrnns_kernels.modulated_topk(
-                self.local.projected_corpus,
+                corpus,
                 tq,
                 model.doc_norm.weight,
                 model.doc_norm.bias,
@@ -1325,7 +1537,7 @@ class DistributedIMRNNIndex:
                 cfg.layer_norm_eps,
                 workspace_bytes=workspace_bytes,
             )
-            gi = torch.where(li >= 0, self._gids[li.clamp(min=0)], torch.full_like(li, -1))
+            gi = torch.where(li >= 0, gids[li.clamp(min=0)], torch.full_like(li, -1))
             s = s.float()
         return s, gi
 
@@ -1414,6 +1626,19 @@ def _digest_array(x: Any, sample_rows: int | None = None) -> str:
 
 def _call_signature(queries: Any, k: Any, mode: Any, feedback_k: Any, encoder: Any) -> str:
     return json.dumps([_digest_array(queries), repr(k), repr(mode), repr(feedback_k), encoder])
+
+
+def _allow_signature(allow: Any) -> str:
+    """A digest of a search's ``allow`` that does not depend on a set's iteration order."""
+    if allow is None:
+        return ""
+    if isinstance(allow, np.ndarray | torch.Tensor) and allow.dtype in (np.bool_, torch.bool):
+        return _digest_array(allow)
+    try:
+        items = sorted({repr(d) for d in allow})
+    except TypeError:  # not iterable: refused by the checks, the same on every rank
+        return type(allow).__name__
+    return hashlib.sha256("\x00".join(items).encode()).hexdigest()
 
 
 def _batch_signature(embeddings: Any, doc_ids: Sequence[str] | None) -> str:

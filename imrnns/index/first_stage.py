@@ -355,6 +355,72 @@ def _widen(
     return out_s, out_i
 
 
+# ----------------------------------------------------------------------------- row storage
+class RowBuffer:
+    """Rows of one shape with spare capacity, so that appends cost O(rows appended) amortised.
+
+    The storage holds ``capacity >= rows`` rows; an append that does not fit allocates
+    ``max(2 capacity, rows + new, MIN_CAPACITY)`` rows and copies the held ones once, so n
+    appends of any sizes reallocate O(log n) times and copy fewer than 2n rows in all.
+    :attr:`data` is a view of the held rows (it stays valid, though stale, after a later
+    append reallocates). :attr:`reallocations` and :attr:`rows_copied` count the growth work
+    (tests check it stays O(log n) and O(n)).
+
+    Args:
+        tail: the shape of one row (``()`` for scalars).
+        dtype, device: of the storage.
+    """
+
+    MIN_CAPACITY = 16
+
+    def __init__(self, tail: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self._data = torch.empty((0, *tail), dtype=dtype, device=device)
+        self.rows = 0
+        self.reallocations = 0
+        self.rows_copied = 0
+
+    @property
+    def data(self) -> torch.Tensor:
+        """(rows, *tail) view of the held rows."""
+        return self._data[: self.rows]
+
+    @property
+    def capacity(self) -> int:
+        """Rows the storage can hold before the next reallocation."""
+        return int(self._data.shape[0])
+
+    def append(self, x: torch.Tensor) -> None:
+        """Append (M, *tail) rows (converted to the storage's dtype and device)."""
+        need = self.rows + int(x.shape[0])
+        if need > self.capacity:
+            grown = torch.empty(
+                (max(2 * self.capacity, need, self.MIN_CAPACITY), *self._data.shape[1:]),
+                dtype=self._data.dtype,
+                device=self._data.device,
+            )
+            grown[: self.rows] = self._data[: self.rows]
+            self.rows_copied += self.rows
+            self.reallocations += 1
+            self._data = grown
+        self._data[self.rows : need] = x
+        self.rows = need
+
+    def replace(self, x: torch.Tensor) -> None:
+        """Hold exactly ``x`` (no spare capacity; the next append grows it)."""
+        self._data = x
+        self.rows = int(x.shape[0])
+
+    def keep(self, slots: torch.Tensor) -> None:
+        """Keep only rows ``slots`` (int64, sorted), in that order, in the same storage."""
+        kept = self._data.index_select(0, slots.to(self._data.device))
+        self._data[: kept.shape[0]] = kept
+        self.rows = int(kept.shape[0])
+
+    def to(self, device: torch.device) -> None:
+        """Move the held rows to ``device`` (spare capacity is dropped)."""
+        self.replace(self.data.to(device))
+
+
 # ----------------------------------------------------------------------------- stages
 def _checked_depth(queries: Any, k: int, d: int, ntotal: int) -> int:
     """``min(k, ntotal)``, the results a search computes, after checking its arguments."""
@@ -380,7 +446,8 @@ class FlatStage:
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.d = int(dim)
         self.device = torch.device(device)
-        self._vectors = torch.empty(0, self.d, dtype=torch.float32, device=self.device)
+        # Spare capacity: many small adds copy O(total) bytes, not O(total) per add.
+        self._rows = RowBuffer((self.d,), torch.float32, self.device)
         # A memory map of a saved file (``read(mmap=True)``): only slices are copied out.
         self._mapped: np.ndarray | None = None
         # faiss GPU shards of the same vectors (:func:`to_all_gpus`), searched instead.
@@ -389,24 +456,46 @@ class FlatStage:
     @property
     def ntotal(self) -> int:
         """Number of stored vectors."""
-        return int(self._mapped.shape[0] if self._mapped is not None else self._vectors.shape[0])
+        return int(self._mapped.shape[0] if self._mapped is not None else self._rows.rows)
+
+    @property
+    def _vectors(self) -> torch.Tensor:
+        return self._rows.data
+
+    @_vectors.setter
+    def _vectors(self, value: torch.Tensor) -> None:
+        self._rows.replace(value)
 
     @property
     def vectors(self) -> torch.Tensor:
         """(N, d) float32 stored vectors on :attr:`device` (a mapped file is read in full)."""
+        self._read_mapped()
+        return self._vectors
+
+    def _read_mapped(self) -> None:
+        """Read a memory-mapped file in full (before the vectors change or are searched)."""
         if self._mapped is not None:
             self._vectors = torch.from_numpy(np.array(self._mapped, dtype=np.float32))
             self._mapped = None
-        return self._vectors
 
     def add(self, x: np.ndarray | torch.Tensor) -> None:
-        """Append (M, d) float32 vectors (ids continue from :attr:`ntotal`)."""
+        """Append (M, d) float32 vectors (ids continue from :attr:`ntotal`); amortised
+        O(M d): the storage grows by doubling (:class:`RowBuffer`)."""
         t = torch.as_tensor(x).to(self.device, torch.float32)
         if t.dim() != 2 or t.shape[1] != self.d:
             raise ValueError(f"vectors must be (M, {self.d}), got {tuple(t.shape)}")
-        self._vectors = torch.cat([self.vectors, t])
+        self._read_mapped()
+        self._rows.append(t)
         if self.accelerator is not None:  # the GPU shards hold every vector too
             self.accelerator.add(np.ascontiguousarray(t.cpu().numpy()))
+
+    def keep(self, slots: torch.Tensor) -> None:
+        """Keep only the vectors at ``slots`` (sorted, unique int64), in that order."""
+        self._read_mapped()
+        self._rows.keep(slots)
+        if self.accelerator is not None:
+            self.accelerator.reset()
+            self.accelerator.add(np.ascontiguousarray(self.vectors.cpu().numpy()))
 
     def reconstruct(self, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) as a (hi - lo, d) float32 numpy copy."""
@@ -417,43 +506,56 @@ class FlatStage:
     def to(self, device: torch.device | str) -> FlatStage:
         """This stage with its vectors on ``device`` (itself, moved in place)."""
         self.device = torch.device(device)
-        self._vectors = self.vectors.to(self.device)
+        self._read_mapped()
+        self._rows.to(self.device)
         return self
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, queries: torch.Tensor, k: int, candidates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k of (B, d) float32 queries, ties by the lower id, padded past N.
 
+        ``candidates`` (sorted, unique int64 ids, at least one) restricts the search to those
+        vectors: they are gathered into an (A, d) block and searched exactly as a stage
+        holding only them would be, then mapped back, so the result equals that of a stage
+        built from those vectors in the same order (with their ids).
+
         Returns (scores (B, k) float32, ids (B, k) int64) on :attr:`device`. Work and
-        memory follow ``min(k, N)``; only the returned (B, k) grows with k.
+        memory follow ``min(k, N)`` (N: the candidates when given); only the returned (B, k)
+        grows with k.
         """
-        kk = _checked_depth(queries, k, self.d, self.ntotal)
+        n = self.ntotal if candidates is None else int(candidates.numel())
+        kk = _checked_depth(queries, k, self.d, n)
         if queries.shape[0] == 0:
             none = torch.empty(0, 1, device=self.device)
             return pad(none, none.long(), k)
         vectors = self.vectors
         queries = queries.to(self.device, torch.float32)
-        if self.accelerator is not None:
-            scores, ids = self._faiss_search(self.accelerator.search, queries, kk)
+        if candidates is not None:
+            candidates = candidates.to(self.device)
+            vectors = vectors.index_select(0, candidates)
+        if self.accelerator is not None and candidates is None:
+            scores, ids = self._faiss_search(self.accelerator.search, queries, kk, vectors)
         elif flat_backend(queries.shape[0], self.device) == "faiss":
-            data = vectors.numpy()
+            data = vectors.cpu().numpy()
             scores, ids = self._faiss_search(
-                lambda x, depth: faiss_knn(x, data, depth), queries, kk
+                lambda x, depth: faiss_knn(x, data, depth), queries, kk, vectors
             )
         else:
             scores, ids = exact_topk(vectors, queries, kk)
+        if candidates is not None:
+            ids = torch.where(ids >= 0, candidates[ids.clamp(min=0)], ids)
         return pad(scores, ids, k)
 
     def _faiss_search(
-        self, search: Callable[..., Any], queries: torch.Tensor, k: int
+        self, search: Callable[..., Any], queries: torch.Tensor, k: int, vectors: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        vectors = self.vectors
-
         def exact(rows: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
             s, i = exact_topk(vectors, torch.from_numpy(rows), kk)
             return s.cpu().numpy(), i.cpu().numpy()
 
         x = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
-        scores, ids = faiss_topk(search, x, k, self.ntotal, exact)
+        scores, ids = faiss_topk(search, x, k, int(vectors.shape[0]), exact)
         return (
             torch.from_numpy(scores).to(self.device),
             torch.from_numpy(ids).to(self.device),
@@ -499,18 +601,26 @@ class FaissStage:
             ivf.make_direct_map()  # IVF stores vectors by list: reconstruct needs id -> slot
         return np.ascontiguousarray(index.reconstruct_n(lo, hi - lo), dtype=np.float32)
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, queries: torch.Tensor, k: int, candidates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k of (B, d) float32 queries, ties by the lower id, padded with ``-inf`` / ``-1``.
+
+        ``candidates`` (sorted, unique int64 ids, at least one) restricts the search with
+        faiss's ``IDSelectorBitmap`` (search parameters of IVF / HNSW): an approximate stage
+        filters within the lists or graph nodes it visits, so the result holds only
+        candidates but need not equal that of a stage built from the candidates alone (it
+        can find fewer than k: padded).
 
         Returns CPU tensors (scores (B, k) float32, ids (B, k) int64).
         """
-        n = self.ntotal
+        n = self.ntotal if candidates is None else int(candidates.numel())
         kk = _checked_depth(queries, k, self.d, n)
         if queries.shape[0] == 0:
             return pad(torch.empty(0, 1), torch.empty(0, 1, dtype=torch.int64), k)
         x = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
         exact = None
-        flat = _flat_view(self.index)
+        flat = _flat_view(self.index) if candidates is None else None
         if flat is not None:
             vectors = torch.from_numpy(flat)
 
@@ -518,8 +628,53 @@ class FaissStage:
                 s, i = exact_topk(vectors, torch.from_numpy(rows), kk)
                 return s.numpy(), i.numpy()
 
-        scores, ids = faiss_topk(self.index.search, x, kk, n, exact)
+        search = self.index.search
+        if candidates is not None:
+            search = self._selected_search(candidates)
+        scores, ids = faiss_topk(search, x, kk, n, exact)
         return pad(torch.from_numpy(scores), torch.from_numpy(ids), k)
+
+    def _selected_search(
+        self, candidates: torch.Tensor
+    ) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+        """``search(x, depth)`` of this index restricted to ``candidates`` (an ID selector)."""
+        faiss = faiss_module()
+        mask = np.zeros(self.ntotal, dtype=bool)
+        mask[candidates.cpu().numpy()] = True
+        bitmap = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))
+        index = self.index
+        if self.kind == "hnsw":
+            hnsw = faiss.downcast_index(index)
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=hnsw.hnsw.efSearch)
+        elif self.kind == "ivf":
+            nprobe = faiss.extract_index_ivf(index).nprobe
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+
+        def search(
+            x: np.ndarray, depth: int, _alive: tuple[Any, ...] = (bitmap, selector)
+        ) -> tuple[np.ndarray, np.ndarray]:
+            # _alive: faiss holds raw pointers to the bitmap and the selector, so they must
+            # live as long as this function.
+            return index.search(x, depth, params=params)
+
+        return search
+
+    def keep(self, slots: torch.Tensor) -> None:
+        """Keep only the vectors at ``slots`` (sorted, unique int64), in that order.
+
+        faiss's HNSW cannot delete: the index is rebuilt from the kept vectors (an IVF one
+        keeps its trained centroids). Costs a reconstruction and a re-add of the kept rows.
+        """
+        faiss = faiss_module()
+        kept = self.reconstruct(0, self.ntotal)[slots.cpu().numpy()]
+        fresh = faiss.clone_index(to_cpu(self).index)
+        fresh.reset()
+        if kept.shape[0]:
+            fresh.add(np.ascontiguousarray(kept, dtype=np.float32))
+        self.index = fresh
 
 
 def _flat_view(index: Any) -> np.ndarray | None:

@@ -8,7 +8,14 @@ A saved index is one directory, written atomically (:func:`imrnns._atomic.atomic
 - ``corpus.safetensors``: ``projected`` (N, m) in the storage dtype and, when the index keeps
   it, ``doc_cache`` (N, width);
 - ``first_stage.faiss``: the faiss index (written from a CPU copy);
-- ``doc_ids.json``: the N document names, only when the documents are named.
+- ``doc_ids.json``: the N document names, only when the index holds string ids;
+- ``ids.safetensors`` (format version 2): ``ids`` (N,) int64, only when the index holds int
+  ids other than the defaults 0 .. N - 1, and ``removed`` (R,) int64, the sorted rows of
+  removed documents not yet compacted away, only when there are some. The manifest's
+  ``"ids"`` entry says which it holds (``{"int": bool, "removed": R}``). An index without
+  this file (every version-1 save) has default or string ids and no removed rows.
+
+``ntotal`` counts stored rows (removed ones included): the files' shapes follow it.
 
 :data:`INDEX_LAYOUT` lists exactly these files: a save replaces an existing directory only
 when it is an earlier index save (:func:`imrnns._atomic.check_replaceable`).
@@ -51,7 +58,10 @@ if TYPE_CHECKING:
     from imrnns.model import IMRNN
 
 FORMAT = "imrnns-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Saves without ids.safetensors are written as version 1, readable by older releases.
+FORMAT_VERSION_PLAIN = 1
+IDS_FILE = "ids.safetensors"
 MANIFEST_NAME = "manifest.json"
 # Files every index directory holds (doc_ids.json only when the documents are named).
 REQUIRED_FILES = (
@@ -65,7 +75,9 @@ INDEX_LAYOUT = SaveLayout(
     header=MANIFEST_NAME,
     format=FORMAT,
     max_version=FORMAT_VERSION,
-    files=frozenset({MANIFEST_NAME, "corpus.safetensors", "first_stage.faiss", "doc_ids.json"})
+    files=frozenset(
+        {MANIFEST_NAME, "corpus.safetensors", "first_stage.faiss", "doc_ids.json", IDS_FILE}
+    )
     | CHECKPOINT_LAYOUT.nested("adapter"),
 )
 # The only names a manifest may list: an entry is never a path of the reader's choosing.
@@ -148,6 +160,9 @@ def write_index(
     first_stage_index: Any,
     doc_ids: list[str] | None,
     settings: dict[str, Any],
+    *,
+    int_ids: torch.Tensor | None = None,
+    removed: torch.Tensor | None = None,
 ) -> None:
     """Write an index directory atomically (the layout in the module docstring).
 
@@ -162,6 +177,8 @@ def write_index(
             a flat one is written in faiss's ``IndexFlatIP`` format without faiss).
         doc_ids: N names, or None.
         settings: the index's constructor settings, recorded in the manifest.
+        int_ids: (N,) int64 ids when they are not the defaults 0 .. N - 1, or None.
+        removed: (R,) int64 sorted rows of removed documents, or None (none removed).
 
     Raises:
         ValueError: ``directory`` is not an earlier index save (the message names it and the
@@ -176,6 +193,18 @@ def write_index(
         first_stage.write(first_stage_index, tmp / "first_stage.faiss")
         if doc_ids is not None:
             (tmp / "doc_ids.json").write_text(json.dumps(doc_ids))
+        extra: dict[str, Any] = {}
+        if int_ids is not None or removed is not None:
+            id_tensors = {}
+            if int_ids is not None:
+                id_tensors["ids"] = int_ids.detach().cpu().to(torch.int64).contiguous()
+            if removed is not None:
+                id_tensors["removed"] = removed.detach().cpu().to(torch.int64).contiguous()
+            save_file(id_tensors, str(tmp / IDS_FILE))
+            extra["ids"] = {
+                "int": int_ids is not None,
+                "removed": 0 if removed is None else int(removed.numel()),
+            }
         files = {}
         for path in sorted(tmp.rglob("*")):
             if path.is_file():
@@ -183,10 +212,11 @@ def write_index(
                 files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if extra else FORMAT_VERSION_PLAIN,
             "ntotal": int(projected.shape[0]),
             "index": settings,
             "files": files,
+            **extra,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -251,6 +281,22 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     missing = [rel for rel in REQUIRED_FILES if rel not in files]
     if missing:
         raise IndexError_(f"{manifest_path}: does not list the index files {missing}")
+    ids_entry = manifest.get("ids")
+    if (ids_entry is not None) != (IDS_FILE in files) or (
+        ids_entry is not None
+        and not (
+            isinstance(ids_entry, dict)
+            and isinstance(ids_entry.get("int"), bool)
+            and isinstance(ids_entry.get("removed"), int)
+            and not isinstance(ids_entry.get("removed"), bool)
+            and 0 <= ids_entry["removed"] <= n
+            and (ids_entry["int"] or ids_entry["removed"] > 0)
+        )
+    ):
+        raise IndexError_(
+            f"{manifest_path}: 'ids' must be {{'int': bool, 'removed': 0 .. ntotal}} exactly "
+            f"when {IDS_FILE} is listed, got {ids_entry!r}"
+        )
     paths = {rel: _check_entry(directory, rel) for rel in sorted(files)}
     for rel, path in paths.items():
         size = path.stat().st_size
@@ -397,7 +443,8 @@ def read_first_stage(directory: Path, expected: Expected, *, mmap: bool = False)
 
 
 def read_doc_ids(directory: Path, n: int) -> list[str]:
-    """The ``n`` document names in ``directory / "doc_ids.json"``, or IndexError_ naming it."""
+    """The ``n`` unique document names in ``directory / "doc_ids.json"``, or IndexError_
+    naming it."""
     path = directory / "doc_ids.json"
     try:
         names = json.loads(path.read_bytes())
@@ -407,4 +454,63 @@ def read_doc_ids(directory: Path, n: int) -> list[str]:
         raise IndexError_(f"{path}: expected a JSON list of strings")
     if len(names) != n:
         raise IndexError_(f"{path}: {len(names)} ids for {n} documents")
+    if len(set(names)) != n:
+        seen: set[str] = set()
+        repeated = sorted({d for d in names if d in seen or seen.add(d)})
+        raise IndexError_(f"{path}: ids repeat ({', '.join(map(repr, repeated[:5]))})")
     return names
+
+
+def read_ids(directory: Path, manifest: dict[str, Any]) -> tuple[Any, Any]:
+    """(int ids (N,) int64 tensor or None, removed rows (R,) int64 tensor or None), checked.
+
+    Reads ``ids.safetensors`` when the manifest lists it (else (None, None): default or
+    string ids, nothing removed). Checks: the tensors the manifest's ``"ids"`` entry
+    promises and no others, int64, ``ids`` of N unique values in ``[0, 2**63 - 1]``,
+    ``removed`` R strictly increasing rows in ``[0, N)``.
+
+    Raises:
+        IndexError_: anything else; the message names the file.
+    """
+    entry = manifest.get("ids")
+    if entry is None:
+        return None, None
+    n = int(manifest["ntotal"])
+    path = directory / IDS_FILE
+    want = ({"ids"} if entry["int"] else set()) | ({"removed"} if entry["removed"] else set())
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = set(fh.keys())
+            if keys != want:
+                raise IndexError_(
+                    f"{path}: holds tensors {sorted(keys)}, the manifest promises {sorted(want)}"
+                )
+            shapes = {
+                k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in keys
+            }
+            for key, rows in (("ids", n), ("removed", entry["removed"])):
+                if key in keys and shapes[key] != ((rows,), "I64"):
+                    raise IndexError_(
+                        f"{path}: {key} is {shapes[key][1]} {shapes[key][0]}, expected int64 "
+                        f"({rows},)"
+                    )
+            ids = fh.get_tensor("ids") if "ids" in keys else None
+            removed = fh.get_tensor("removed") if "removed" in keys else None
+    except (SafetensorError, OSError) as exc:
+        raise IndexError_(f"{path}: unreadable ({exc})") from exc
+    if ids is not None:
+        if n and int(ids.min()) < 0:
+            raise IndexError_(f"{path}: ids must be >= 0 (-1 pads results), got {int(ids.min())}")
+        if int(torch.unique(ids).numel()) != n:
+            raise IndexError_(f"{path}: ids repeat")
+    if (
+        removed is not None
+        and removed.numel()
+        and (
+            int(removed[0]) < 0
+            or int(removed[-1]) >= n
+            or (removed.numel() > 1 and not bool((removed[1:] > removed[:-1]).all()))
+        )
+    ):
+        raise IndexError_(f"{path}: removed must be increasing rows in [0, {n})")
+    return ids, removed

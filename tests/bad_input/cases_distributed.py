@@ -43,3 +43,32 @@ def distributed_add_nan(ws):
 def distributed_wrong_encoder(ws):
     index = DistributedIMRNNIndex.from_index(ws.index())
     return lambda: index.search(ws.queries, 3, encoder="enc-B@1")
+
+
+# Issue 19: removal and filters by id on the sharded index (one process: world size 1).
+@case("distributed", ValueError, r"remove\(\): ids not in the index: 'nope'")
+def distributed_remove_unknown(ws):
+    index = DistributedIMRNNIndex.from_index(ws.index())
+
+    def run() -> None:
+        try:
+            index.remove(["d1", "nope"])
+        finally:
+            assert index.ntotal == 40 and index.local.ntotal == 40
+
+    return run
+
+
+@case("distributed", ValueError, r"allow: ids not in the index: 40, 41")
+def distributed_allow_unknown(ws):
+    index = DistributedIMRNNIndex.from_index(ws.index(named=False))
+    return lambda: index.search(ws.queries, 3, allow=[1, 40, 41])
+
+
+@case("distributed", ValueError, r"allow as a boolean mask needs an index without removed")
+def distributed_mask_after_removal(ws):
+    import numpy as np
+
+    index = DistributedIMRNNIndex.from_index(ws.index(named=False))
+    index.remove([3])
+    return lambda: index.search(ws.queries, 3, allow=np.ones(39, dtype=bool))

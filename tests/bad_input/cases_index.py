@@ -233,7 +233,7 @@ _search_case(
 
 @defined("index")
 def search_k_larger_than_the_corpus(ws):
-    index = ws.index()
+    index, named = ws.index(named=False), ws.index()
 
     def run() -> None:
         for mode in ("rerank", "exhaustive"):
@@ -241,17 +241,23 @@ def search_k_larger_than_the_corpus(ws):
             real = 5 if mode == "rerank" else N_DOCS  # rerank returns the feedback set only
             assert (i[:, real:] == -1).all() and np.isneginf(s[:, real:]).all()
             assert (i[:, :real] >= 0).all() and np.isfinite(s[:, :real]).all()
+            # string ids: None pads (a numpy object array for numpy queries)
+            s, i = named.search(ws.queries, k=N_DOCS + 5, mode=mode)
+            assert all(d is None for d in i[:, real:].ravel()) and np.isneginf(s[:, real:]).all()
+            assert all(isinstance(d, str) for d in i[:, :real].ravel())
 
     return run
 
 
 @defined("index")
 def search_no_queries(ws):
-    index = ws.index()
+    index, named = ws.index(named=False), ws.index()
 
     def run() -> None:
         s, i = index.search(ws.queries[:0], k=4)
         assert s.shape == (0, 4) and i.shape == (0, 4)
+        s, i = named.search(ws.queries[:0], k=4)
+        assert s.shape == (0, 4) and i.shape == (0, 4) and i.dtype == object
 
     return run
 
@@ -564,3 +570,168 @@ def from_parts_nan_row(ws):
     return lambda: IMRNNIndex.from_parts(
         index.model, projected, vectors, document_cache=cache, **index.settings()
     )
+
+
+# Issue 19: documents by id, removal and filters. Every rejected call leaves the index as it
+# was (the add cases check ntotal; the remove cases check the ids).
+_add_case(
+    "add_ids_repeated",
+    ValueError,
+    r"ids must be unique: 50 appear more than once in this add\(\)",
+    lambda ws: ws.corpus[:4],
+    ids=[50, 50, 51, 52],
+)
+_add_case(
+    "add_ids_taken",
+    ValueError,
+    r"ids must be new: 3 already in the index",
+    lambda ws: ws.corpus[:4],
+    ids=[3, 100, 101, 102],
+)
+_add_case(
+    "add_ids_negative",
+    ValueError,
+    r"ids must be ints in \[0, 2\*\*63 - 1\] \(-1 pads results\), got -1",
+    lambda ws: ws.corpus[:4],
+    ids=[-1, 100, 101, 102],
+)
+_add_case(
+    "add_ids_other_kind",
+    ValueError,
+    r"this index holds int ids, this add\(\) gives str ids \(one kind of id per index\)",
+    lambda ws: ws.corpus[:4],
+    ids=["a", "b", "c", "d"],
+)
+_add_case(
+    "add_ids_bools",
+    TypeError,
+    r"ids must be all ints or all strings \(one kind per index\), got \['bool', 'int'\]",
+    lambda ws: ws.corpus[:4],
+    ids=[True, False, 1, 2],
+)
+_add_case(
+    "add_ids_and_doc_ids",
+    ValueError,
+    r"give ids= or doc_ids= \(the string-id spelling\), not both",
+    lambda ws: ws.corpus[:4],
+    ids=["a", "b", "c", "d"],
+    doc_ids=["a", "b", "c", "d"],
+)
+
+
+def _remove_case(name: str, exc: type[BaseException], match: str, ids: Any) -> None:
+    def setup(ws: Workspace) -> Callable[[], Any]:
+        index = ws.index()
+        before = list(index.ids)
+
+        def run() -> None:
+            try:
+                index.remove(ids)
+            finally:
+                assert list(index.ids) == before, "a rejected remove() changed the index"
+
+        return run
+
+    setup.__name__ = name
+    case("index", exc, match)(setup)
+
+
+_remove_case(
+    "remove_unknown", ValueError, r"remove\(\): ids not in the index: 'nope'", ["d1", "nope"]
+)
+_remove_case("remove_other_kind", TypeError, r"this index holds str ids, got 1", ["d1", 1])
+_remove_case("remove_one_string", TypeError, r"must be a collection of ids .*got str", "d1")
+_search_case(
+    "search_allow_unknown",
+    ValueError,
+    r"allow: ids not in the index: 'd99'",
+    lambda ws: ws.queries,
+    k=3,
+    allow={"d1", "d99"},
+)
+_search_case(
+    "search_allow_mask_shape",
+    ValueError,
+    r"allow as a boolean mask must have shape \(40,\) .*got \(39,\)",
+    lambda ws: ws.queries,
+    k=3,
+    allow=np.ones(N_DOCS - 1, dtype=bool),
+)
+_search_case(
+    "search_allow_scalar",
+    TypeError,
+    r"allow must be a collection of ids \(set, list, array\), got int",
+    lambda ws: ws.queries,
+    k=3,
+    allow=7,
+)
+
+
+def _ids_file(change: Callable[[dict[str, Any], dict[str, Any]], None]) -> Callable[..., Any]:
+    """Save an index with int ids and a removal next to the workspace's, then rewrite its
+    ids.safetensors and manifest entry consistently (sizes and SHA-256 updated)."""
+
+    def tamper(ws: Workspace) -> Path:
+        import hashlib
+
+        import torch
+        from safetensors.torch import load_file, save
+
+        index = IMRNNIndex(ws.model, feedback_k=5)
+        index.add(ws.corpus, ids=np.arange(N_DOCS) * 2 + 1)
+        index.remove([1])
+        target = ws.root / "with-ids"
+        index.save(target)
+        tensors = load_file(str(target / "ids.safetensors"))
+        manifest_path = target / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        change(tensors, manifest)
+        blob = save({k: torch.as_tensor(v) for k, v in tensors.items()})
+        (target / "ids.safetensors").write_bytes(blob)
+        manifest["files"]["ids.safetensors"] = {
+            "bytes": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+        }
+        manifest_path.write_text(json.dumps(manifest))
+        return target
+
+    return tamper
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any], dict[str, Any]], None]:
+    def change(tensors: dict[str, Any], manifest: dict[str, Any]) -> None:
+        tensors[key] = value
+
+    return change
+
+
+_load_case(
+    "ids_repeated",
+    IndexError_,
+    r"ids.safetensors: ids repeat",
+    _ids_file(_set("ids", np.ones(N_DOCS, dtype=np.int64))),
+)
+_load_case(
+    "ids_negative",
+    IndexError_,
+    r"ids.safetensors: ids must be >= 0 \(-1 pads results\), got -1",
+    _ids_file(_set("ids", np.arange(N_DOCS, dtype=np.int64) - 1)),
+)
+_load_case(
+    "ids_wrong_count",
+    IndexError_,
+    r"ids.safetensors: ids is I64 \(39,\), expected int64 \(40,\)",
+    _ids_file(_set("ids", np.arange(N_DOCS - 1, dtype=np.int64))),
+)
+_load_case(
+    "ids_removed_out_of_range",
+    IndexError_,
+    r"ids.safetensors: removed must be increasing rows in \[0, 40\)",
+    _ids_file(_set("removed", np.array([N_DOCS], dtype=np.int64))),
+)
+_load_case(
+    "ids_entry_missing",
+    IndexError_,
+    r"manifest.json: 'ids' must be .* exactly when ids.safetensors is listed, got None",
+    _ids_file(lambda tensors, manifest: manifest.pop("ids")),
+)

@@ -89,3 +89,56 @@ def test_scratch_is_per_thread_per_key_and_grows():
     huge = runtime.SCRATCH_KEEP_BYTES // 4 + 1
     first = runtime.scratch("test.huge", (huge,), torch.float32)
     assert runtime.scratch("test.huge", (huge,), torch.float32).data_ptr() != first.data_ptr()
+
+
+def _fresh_thread_count() -> int:
+    """torch's thread count in a thread that never used torch before."""
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return seen[0]
+
+
+def test_a_thread_started_during_a_call_keeps_the_default_thread_count(two_threads):
+    # torch.set_num_threads also sets the default a new thread starts with: a server thread
+    # that began while another thread searched used to stay at one thread for good.
+    runtime.run_workers(2, lambda: None, lambda _s, _i: None, workers=2)  # the pool exists
+    inside, release = threading.Event(), threading.Event()
+
+    def body(_state: None, i: int) -> None:
+        if i == 0:
+            inside.set()
+            release.wait(30)
+
+    busy = threading.Thread(target=runtime.run_workers, args=(2, lambda: None, body, 2))
+    busy.start()
+    try:
+        assert inside.wait(30)
+        during = _fresh_thread_count()
+    finally:
+        release.set()
+        busy.join()
+    assert during == 2
+    assert _fresh_thread_count() == 2 and torch.get_num_threads() == 2
+
+
+def test_a_one_worker_plan_leaves_other_threads_counts_alone(two_threads):
+    with runtime.one_intra_op_thread(1):
+        assert torch.get_num_threads() == 1  # the caller runs on one thread ...
+        assert _fresh_thread_count() == 2  # ... a thread started meanwhile gets the default
+    assert torch.get_num_threads() == 2 and _fresh_thread_count() == 2
+
+
+def test_concurrent_calls_from_threads_each_cover_every_item(two_threads):
+    def call(tag: int) -> list[tuple[int, int]]:
+        torch.set_num_threads(2)
+        states = runtime.run_workers(40, list, lambda st, i: st.append((tag, i)), workers=2)
+        return sorted(x for st in states for x in st)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(call, range(24)))
+    assert results == [[(tag, i) for i in range(40)] for tag in range(24)]
+    assert torch.get_num_threads() == 2 and _fresh_thread_count() == 2

@@ -191,7 +191,15 @@ def single_index(name: str) -> IMRNNIndex:
 def run_scenario(name: str, index: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     s = scenario(name)
     q = torch.from_numpy(s["queries"])
-    return {mode: index.search(q, k=s["k"], mode=mode) for mode in MODES}
+    out = {mode: index.search(q, k=s["k"], mode=mode) for mode in MODES}
+    if isinstance(index, IMRNNIndex) and index.doc_ids is not None:
+        # One named index returns string ids; the sharded one global positions (doc_names).
+        row_of = {d: r for r, d in enumerate(index.doc_ids)}
+        out = {
+            mode: (sc, torch.tensor([[row_of[d] if d is not None else -1 for d in r] for r in i]))
+            for mode, (sc, i) in out.items()
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- the workers
