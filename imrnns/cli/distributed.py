@@ -112,19 +112,22 @@ def run_distributed_search(
             workspace_bytes=getattr(args, "workspace_mb", None),
         )
         ms = (time.perf_counter() - t0) * 1e3
-        names = index.doc_names(ids)
+        # A named index returns names (None padding), as one process's index does; "id"
+        # stays the document's position (add order, the row of a single-process index),
+        # as the single-process command prints it. Collective: every rank maps.
+        rows = index.positions_of(ids) if index.id_kind == "str" else None
         if rank == 0:
             results, lines = [], []
             for b, (text, srow, irow) in enumerate(zip(args.query, scores, ids, strict=True)):
                 hits = [
                     {
                         "rank": r + 1,
-                        "id": int(i),
-                        "doc_id": names[b][r] if names else None,
+                        "id": int(rows[b][r]) if rows is not None else int(i),
+                        "doc_id": i if rows is not None else None,
                         "score": float(s),
                     }
                     for r, (s, i) in enumerate(zip(srow, irow, strict=True))
-                    if i >= 0
+                    if (i is not None if rows is not None else i >= 0)
                 ]
                 results.append({"query": text, "hits": hits})
                 lines.append(f"query: {text}")

@@ -511,6 +511,40 @@ class IMRNNIndex:
         return [table[s] for s in alive.tolist()]
 
     @property
+    def removed_rows(self) -> np.ndarray:
+        """Sorted int64 rows of :attr:`projected_corpus` that hold removed documents (their
+        tombstones, until compaction); empty when none."""
+        if self._dead is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self._dead.numpy()).astype(np.int64)
+
+    @property
+    def next_id(self) -> int | None:
+        """The id the next ``add`` without ids gives (None for an index of string ids).
+
+        One above the largest int id the index ever held, removed ones included, so an id
+        is never handed out twice; :meth:`save` keeps it (the manifest's ``"next_id"``).
+        """
+        return None if self._ids.kind == "str" else self._ids.next_default
+
+    def _set_next_id(self, next_id: int, error: type[ValueError], where: str) -> None:
+        """Raise the next default id to ``next_id`` (saved or given), checked: an int no
+        lower than one above the largest id held (so no id can come back)."""
+        if self._ids.kind == "str":
+            raise error(f"{where}: next_id applies to int ids; this index holds string ids")
+        low = self._ids.next_default
+        if (
+            isinstance(next_id, bool)
+            or not isinstance(next_id, int | np.integer)
+            or not low <= int(next_id) <= MAX_ID + 1
+        ):
+            raise error(
+                f"{where}: next_id must be an int in [{low}, 2**63] (one above the largest "
+                f"id held, at least), got {next_id!r}"
+            )
+        self._ids.next_default = int(next_id)
+
+    @property
     def doc_ids(self) -> list[str] | None:
         """The string id of each row of :attr:`projected_corpus` (None for int ids).
 
@@ -840,6 +874,7 @@ class IMRNNIndex:
         document_cache: torch.Tensor | None = None,
         doc_ids: list[str] | None = None,
         ids: Any = None,
+        next_id: int | None = None,
         **settings: Any,
     ) -> IMRNNIndex:
         """An index from stored pieces instead of base embeddings (shards, loads, merges).
@@ -852,6 +887,8 @@ class IMRNNIndex:
             document_cache: (N, width) per-document cache, as :attr:`document_cache`.
             doc_ids: N names, or None (the string-id spelling of ``ids``).
             ids: N ids as :meth:`add` takes them (default: 0 .. N - 1).
+            next_id: the id the next default ``add`` gives (:attr:`next_id`; default one
+                above the largest int id). Int ids only; at least that default.
             **settings: the constructor's arguments (as :meth:`settings` returns them).
 
         N may be 0: an empty index (a shard that holds nothing).
@@ -916,6 +953,11 @@ class IMRNNIndex:
             index._faiss = index._new_first_stage(vectors)
             index._faiss.add(vectors)
             index._ids.append(kind, new_ids)
+        if next_id is not None:
+            if kind == "str":
+                raise ValueError("next_id applies to int ids; these documents have names")
+            index._ids.kind = "int"
+            index._set_next_id(next_id, ValueError, "from_parts()")
         return index
 
     def first_stage_vectors(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
@@ -1228,6 +1270,10 @@ class IMRNNIndex:
         directory = Path(directory)
         if self._faiss is None or self.ntotal == 0:
             raise ValueError("the index is empty: nothing to save")
+        if self._n_dead and self._dead_ids_reused():
+            # A removed id added again holds two stored rows (one a tombstone); saved ids
+            # must be unique, so drop the tombstones now (results do not change).
+            self.compact()
         int_ids = None
         if self._ids.kind == "int" and not self._ids.default:
             int_ids = torch.from_numpy(np.asarray(self._ids.table))
@@ -1244,8 +1290,30 @@ class IMRNNIndex:
             self.settings(),
             int_ids=int_ids,
             removed=removed,
+            next_id=self._next_id_to_save(),
         )
         return directory
+
+    def _dead_ids_reused(self) -> bool:
+        """Whether a removed document's id is held again by a live one."""
+        if self._ids.default:  # ids equal rows: all distinct
+            return False
+        dead = np.flatnonzero(self._dead.numpy())
+        lookup = self._ids._lookup(self._dead)
+        return any(d in lookup for d in self._keys(self.ids_at(dead)))
+
+    @staticmethod
+    def _keys(ids: np.ndarray | list[str]) -> list[Any]:
+        return ids.tolist() if isinstance(ids, np.ndarray) else ids
+
+    def _next_id_to_save(self) -> int | None:
+        """The next default id when a load could not infer it (largest stored id + 1),
+        else None: the save stays version 1 when nothing else needs version 2."""
+        if self._ids.kind != "int":
+            return None
+        table = self._ids.table
+        inferred = int(table.max()) + 1 if len(table) else 0
+        return None if self._ids.next_default == inferred else self._ids.next_default
 
     @classmethod
     def load(
@@ -1320,6 +1388,8 @@ class IMRNNIndex:
         if "doc_ids.json" in manifest["files"]:
             names = storage.read_doc_ids(directory, n)
         index._install_ids(directory, names, int_ids, removed, n)
+        if manifest.get("next_id") is not None:
+            index._set_next_id(manifest["next_id"], IndexError_, str(directory / "manifest.json"))
         if index.first_stage == "ivf":
             faiss_stage.set_nprobe(index._faiss, index.nprobe)
         return index
@@ -1422,6 +1492,10 @@ class IMRNNIndex:
                     inside,
                     hi - lo,
                 )
+        if manifest.get("next_id") is not None and "doc_ids.json" not in manifest["files"]:
+            # A slice holds fewer ids: the saved next id is above its largest one too.
+            index._ids.kind = "int"
+            index._set_next_id(manifest["next_id"], IndexError_, str(directory / "manifest.json"))
         return index
 
 

@@ -6,10 +6,12 @@ collective call that returns, on every rank, the result a single-process index o
 corpus returns. For a block of B queries (docs/design.md section 1 for the maths):
 
 1. First stage, local: each rank searches its shard for the ``feedback_k`` best documents
-   (:mod:`imrnns.index.first_stage`), maps local positions to global ids, and an all-gather of (B, feedback_k) scores
-   and ids gives every rank the global feedback set F(q): the top ``feedback_k`` of the union
-   by (score descending, id ascending), the rule one index's first stage applies, so the set
-   and its order equal the single-process ones even when duplicates tie at the boundary.
+   (:mod:`imrnns.index.first_stage`), maps local rows to global positions (add order over
+   the whole index), and an all-gather of (B, feedback_k) scores and positions gives every
+   rank the global feedback set F(q): the top ``feedback_k`` of the union by (score
+   descending, position ascending), the rule one index's first stage applies (ties to the
+   earlier-added document), so the set and its order equal the single-process ones even
+   when duplicates tie at the boundary.
 2. Feedback aggregation over the *global* F(q), two exchanges (``exchange=``):
 
    - ``"rows"`` (default, bit-exact): the rows of F(q) (projected documents, and per-document
@@ -31,7 +33,11 @@ corpus returns. For a block of B queries (docs/design.md section 1 for the maths
    rows; partial: each rank scores the documents it owns and an exact one-owner sum
    all-reduce collects the scores); ``mode="exhaustive"`` runs the streaming
    ``modulated_topk`` over each rank's shard and an all-gather of (B, k) candidates is merged
-   by (score descending, lower id first), the single-process tie rule.
+   by (score descending, lower position first), the single-process tie rule.
+4. Ids: results are positions until the end; an index with custom int ids maps them with one
+   exact one-owner sum all-reduce of (B, k) int64, a named index with one gather of the
+   names each rank holds, so every rank returns what one process's index returns (default
+   int ids are the positions: no exchange).
 
 Exactness: with ``exchange="rows"``, a flat first stage and the default ``query_block``,
 results equal the single-process index's: the same ids, and scores to the last bit, provided
@@ -92,10 +98,11 @@ from imrnns.index.core import (
     check_search_args,
     check_unique_doc_ids,
     feedback_set,
+    parse_ids,
     topk_by_score_then_id,
 )
 from imrnns.index.first_stage import settings_for_rows
-from imrnns.index.storage import IndexError_, read_manifest
+from imrnns.index.storage import IndexError_, read_ids, read_manifest
 from imrnns.model import IMRNN
 from imrnns_kernels import _validation as checks
 from imrnns_kernels.dispatch import check_workspace_bytes
@@ -602,9 +609,12 @@ def search_memory(
 class DistributedIMRNNIndex:
     """An :class:`~imrnns.index.IMRNNIndex` sharded over the ranks of a process group.
 
-    Global ids are positions in the order documents were added (as one index numbers them):
-    :meth:`add` gives every rank the same batch and each keeps a contiguous block;
-    :meth:`add_shard` gives each rank its own rows, numbered in rank order. Searches return
+    Every document has a global position, its place in add order over the whole index
+    (:meth:`add` gives every rank the same batch and each keeps a contiguous block;
+    :meth:`add_shard` gives each rank its own rows, placed in rank order), and an id as
+    ``IMRNNIndex`` gives it: the position itself for default int ids, the user's int ids
+    (``ids=``), or names (``ids=`` / ``doc_ids=`` strings). Exchanges and ties use the
+    positions; ``search`` returns, ``remove`` and ``allow`` take the ids. Searches return
     the same (scores, ids) on every rank, equal to one process's (module docstring).
 
     Args:
@@ -661,14 +671,29 @@ class DistributedIMRNNIndex:
             )
 
         self.local = self._comm.run("DistributedIMRNNIndex()", build)
+        # Two numberings. Positions (_gids): every document's place in add order over the
+        # whole index (0, 1, 2, ...; never reused), the key of every exchange and the
+        # tie-break (ties go to the earlier-added document, as in one index). User ids: what
+        # search returns and remove/allow take: the positions themselves for default int ids
+        # (_uids None), else _uids (custom int ids) or the local index's names (str ids).
         self._gids = torch.empty(0, dtype=torch.int64, device=self.local.device)
         self._ntotal = 0
-        # The next global id an add gives (ids of removed documents are not reused).
+        # The next position an add gives.
         self._next_gid = 0
+        # The next default int id an add gives: above every int id ever held (as one index).
+        self._next_id = 0
         # (local rows,) bool: rows removed here but still stored by the local index (its
         # tombstones); None while there are none. _gids drops them when the local compacts.
         self._removed: torch.Tensor | None = None
         self._named: bool | None = None
+        # (local rows,) int64 user ids aligned with _gids when some int id differs from its
+        # position (the same decision on every rank), else None.
+        self._uids: torch.Tensor | None = None
+        # (sorted live user ids, their local rows): the lookup of _uids, built on first use.
+        self._uid_index: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Sorted positions that hold no live document (removed, or loaded as removed), the
+        # same on every rank: a boolean allow mask's entry j is the j-th live position.
+        self._gone = torch.empty(0, dtype=torch.int64)
         self._agree("the model and index settings", self._settings_signature())
 
     # ------------------------------------------------------------------ properties
@@ -694,8 +719,16 @@ class DistributedIMRNNIndex:
 
     @property
     def global_ids(self) -> torch.Tensor:
-        """(local_ntotal,) int64 global id of each local row, ascending."""
+        """(local rows,) int64 global position (add order over the whole index) of each
+        row of this shard's local index, ascending; equal to the ids for default int ids."""
         return self._gids
+
+    @property
+    def id_kind(self) -> str | None:
+        """``"int"`` or ``"str"``: the kind of id the index holds (None before any add)."""
+        if self._named is None:
+            return None
+        return "str" if self._named else "int"
 
     @property
     def feedback_k(self) -> int:
@@ -749,78 +782,127 @@ class DistributedIMRNNIndex:
 
     # ------------------------------------------------------------------ building
     def add(
-        self, embeddings: np.ndarray | torch.Tensor, doc_ids: list[str] | None = None
-    ) -> np.ndarray | torch.Tensor:
-        """Collective: every rank passes the same (N, n) batch and keeps its block of it.
+        self,
+        embeddings: np.ndarray | torch.Tensor,
+        doc_ids: list[str] | None = None,
+        *,
+        ids: Any = None,
+    ) -> np.ndarray | torch.Tensor | list[str]:
+        """Collective: every rank passes the same (N, n) batch (and ids) and keeps its block.
 
-        Returns the global ids of the batch (same type as given), as ``IMRNNIndex.add``.
-        ``doc_ids`` must be new to the whole index and unique within the batch: every rank
-        checks the whole batch against its own shard's names, and a refusal on any rank is
-        raised on all (ValueError naming a few), before anything changes.
+        Ids as ``IMRNNIndex.add``: none (int ids continuing after the largest int id the
+        index ever held), ``ids=`` N unique ints or strings, or ``doc_ids=`` N strings; one
+        kind per index. Returns the batch's ids as ``IMRNNIndex.add`` does (int64 array or
+        tensor, as the embeddings; a list for strings). Given ids must be new to the whole
+        index and unique within the batch: every rank checks the whole batch against its
+        own shard's live ids, and a refusal on any rank is raised on all (ValueError naming
+        a few), before anything changes.
         """
 
-        def validate() -> tuple[torch.Tensor, bool]:
-            x, was_numpy = self._validate_add(embeddings, doc_ids)
-            lo, hi = shard_bounds(x.shape[0], self.world_size, self.rank)
+        def validate() -> tuple[Any, ...]:
+            checked = self._validate_add(embeddings, doc_ids, ids)
+            lo, hi = shard_bounds(checked[0].shape[0], self.world_size, self.rank)
             if hi > lo:  # e.g. an IVF nlist larger than this rank's block: fail everywhere
                 self.local.check_first_add(hi - lo)
-            return x, was_numpy
+            return checked
 
-        x, was_numpy = self._checked("add()", _batch_signature(embeddings, doc_ids), validate)
+        sig = _batch_signature(embeddings, doc_ids if ids is None else ids)
+        x, was_numpy, kind, new_ids = self._checked("add()", sig, validate)
         n = x.shape[0]
         lo, hi = shard_bounds(n, self.world_size, self.rank)
         start = self._next_gid
 
         def add_block() -> None:
             if hi > lo:
-                self.local.add(x[lo:hi], None if doc_ids is None else list(doc_ids[lo:hi]))
+                names = list(new_ids[lo:hi]) if kind == "str" else None
+                self.local.add(x[lo:hi], names)
 
         self._step("add()", add_block, breaks=True)
-        self._extend(start + lo, start + hi, n, doc_ids is not None)
-        ids = torch.arange(start, start + n, dtype=torch.int64)
-        return ids.numpy() if was_numpy else ids
+        custom = kind == "int" and not np.array_equal(new_ids, np.arange(start, start + n))
+        self._extend(start + lo, start + hi, n, kind, new_ids[lo:hi], custom)
+        if kind == "int":
+            self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+        return self._returned(kind, new_ids, was_numpy)
 
     def add_shard(
-        self, embeddings: np.ndarray | torch.Tensor, doc_ids: list[str] | None = None
-    ) -> np.ndarray | torch.Tensor:
-        """Collective: each rank passes its own (N_r, n) rows (N_r may be 0).
+        self,
+        embeddings: np.ndarray | torch.Tensor,
+        doc_ids: list[str] | None = None,
+        *,
+        ids: Any = None,
+    ) -> np.ndarray | torch.Tensor | list[str]:
+        """Collective: each rank passes its own (N_r, n) rows (N_r may be 0), and their ids.
 
-        Global ids follow rank order: rank 0's rows first, then rank 1's, and so on; equal to
-        one index that added the ranks' batches concatenated in rank order. Returns this
-        rank's global ids (same type as given). ``doc_ids`` are checked on each rank against
-        that rank's own names and within its own rows (a refusal is raised on every rank);
-        a name another rank holds or passes is not detected (that would need every name
-        gathered), so names must not repeat across ranks' calls.
+        Positions follow rank order: rank 0's rows first, then rank 1's, and so on; equal to
+        one index that added the ranks' batches concatenated in rank order (default int ids
+        too: numbered in that order after the largest int id ever held). Ids as :meth:`add`
+        (the same kind on every rank). Returns this rank's ids. Given ids are checked on
+        each rank against that rank's own ids and within its own rows (a refusal is raised
+        on every rank); an id another rank holds or passes is not detected (that would need
+        every id gathered), so ids must not repeat across ranks' calls.
         """
         sig = "add_shard"  # the rows differ by design; the call itself must match
 
-        def validate() -> tuple[torch.Tensor, bool]:
-            x, was_numpy = self._validate_add(embeddings, doc_ids, allow_empty=True)
-            if x.shape[0] > 0:
-                self.local.check_first_add(x.shape[0])
-            return x, was_numpy
+        def validate() -> tuple[Any, ...]:
+            checked = self._validate_add(embeddings, doc_ids, ids, allow_empty=True)
+            if checked[0].shape[0] > 0:
+                self.local.check_first_add(checked[0].shape[0])
+            return checked
 
-        x, was_numpy = self._checked("add_shard()", sig, validate)
-        shapes = self._gather_object([int(x.shape[0]), doc_ids is not None], "add_shard()")
-        counts = [int(c) for c, _ in shapes]
-        if len({bool(named) for _, named in shapes}) > 1:
-            raise ValueError("doc_ids must be given on every rank or on none")
-        start = self._next_gid + sum(counts[: self.rank])
+        x, was_numpy, kind, new_ids = self._checked("add_shard()", sig, validate)
+        given = doc_ids is not None or ids is not None
+        mine = int(x.shape[0])
+        top = int(new_ids.max()) if kind == "int" and given and mine else -1
+        shapes = self._gather_object([mine, given, kind, top], "add_shard()")
+        counts = [int(c) for c, _, _, _ in shapes]
+        # A rank without rows passes no id, so its kind says nothing: the others' decides.
+        kinds = {k for c, g, k, _ in shapes if g and c > 0}
+        if len({bool(g) for _, g, _, _ in shapes}) > 1 or len(kinds) > 1:
+            raise ValueError(
+                "add_shard(): ids must be given on every rank or on none, of one kind "
+                f"(ranks gave {[k if g and c else None for c, g, k, _ in shapes]})"
+            )
+        if given and mine == 0:
+            kind = kinds.pop() if kinds else ("str" if self._named else "int")
+            new_ids = [] if kind == "str" else np.zeros(0, dtype=np.int64)
+        before = sum(counts[: self.rank])
+        start = self._next_gid + before
+        if not given:  # default ids, numbered in rank order like the positions
+            new_ids = np.arange(self._next_id + before, self._next_id + before + mine)
+        # A custom id on any rank (or default ids that no longer equal the positions) makes
+        # the whole index keep user ids: decided from the gathered shapes, so on every rank.
+        custom = any(g and k == "int" for _, g, k, _ in shapes) or (
+            kind == "int" and self._next_id != self._next_gid
+        )
 
         def add_rows() -> None:
-            if x.shape[0] > 0:
-                self.local.add(x, None if doc_ids is None else list(doc_ids))
+            if mine > 0:
+                self.local.add(x, list(new_ids) if kind == "str" else None)
 
         self._step("add_shard()", add_rows, breaks=True)
-        self._extend(start, start + x.shape[0], sum(counts), doc_ids is not None)
-        ids = torch.arange(start, start + x.shape[0], dtype=torch.int64)
-        return ids.numpy() if was_numpy else ids
+        self._extend(start, start + mine, sum(counts), kind, new_ids, custom)
+        if kind == "int":
+            tops = [t for _, _, _, t in shapes] + [self._next_id - 1]
+            if not given:
+                tops.append(self._next_id + sum(counts) - 1)
+            self._next_id = max(tops) + 1
+        return self._returned(kind, new_ids, was_numpy)
+
+    @staticmethod
+    def _returned(kind: str, new_ids: Any, was_numpy: bool) -> np.ndarray | torch.Tensor | list:
+        """An add's ids as ``IMRNNIndex.add`` returns them."""
+        if kind == "str":
+            return list(new_ids)
+        out = torch.from_numpy(np.asarray(new_ids, dtype=np.int64).copy())
+        return out.numpy() if was_numpy else out
 
     def _validate_add(
-        self, embeddings: Any, doc_ids: Sequence[str] | None, allow_empty: bool = False
-    ) -> tuple[torch.Tensor, bool]:
-        # The whole batch is checked on every rank before anything changes, so a bad row in
-        # one rank's block cannot leave the ranks with different corpora.
+        self, embeddings: Any, doc_ids: Any, ids: Any, allow_empty: bool = False
+    ) -> tuple[torch.Tensor, bool, str, Any]:
+        """(rows, numpy?, "int" or "str", the batch's ids: int64 array or list of str).
+
+        The whole batch is checked on every rank before anything changes, so a bad row in
+        one rank's block cannot leave the ranks with different corpora."""
         x, was_numpy = as_float_tensor(embeddings, "embeddings")
         n = self.model.config.input_dim
         if x.dim() != 2 or x.shape[1] != n:
@@ -830,58 +912,101 @@ class DistributedIMRNNIndex:
         if x.shape[0] == 0 and not allow_empty:
             raise ValueError("embeddings is empty: nothing to add")
         checks.check_finite("embeddings", x)
+        rows = int(x.shape[0])
+        if doc_ids is not None and ids is not None:
+            raise ValueError("give ids= or doc_ids= (the string-id spelling), not both")
         if doc_ids is not None and (
             isinstance(doc_ids, str)  # a str would be one name per character
-            or len(doc_ids) != x.shape[0]
+            or len(doc_ids) != rows
             or not all(isinstance(d, str) for d in doc_ids)
         ):
-            raise ValueError(f"doc_ids must be {x.shape[0]} strings, one per embedding row")
-        if self._named is not None and self._named != (doc_ids is not None):
-            raise ValueError("doc_ids must be given on every add() or on none")
+            raise ValueError(f"doc_ids must be {rows} strings, one per embedding row")
         if doc_ids is not None:
-            check_unique_doc_ids(doc_ids, ())  # within the batch
-            taken = np.zeros(0, dtype=np.int64)
-            if self.local.ntotal:  # live names of this shard (a removed name may come back)
-                taken = self.local.rows_of(list(doc_ids), skip_unknown=True)
-            if taken.size:
-                shown = ", ".join(repr(d) for d in self.local.ids_at(taken[:5]))
-                more = f" and {taken.size - 5} more" if taken.size > 5 else ""
-                raise ValueError(f"doc_ids must be new: {shown}{more} already in the index")
-        return x, was_numpy
+            kind, new_ids = "str", list(doc_ids)
+        elif ids is not None and rows == 0:  # no id says which kind: the index's (add_shard)
+            kind = "str" if self._named else "int"
+            new_ids = [] if kind == "str" else np.zeros(0, dtype=np.int64)
+        elif ids is not None:
+            kind, new_ids = parse_ids(ids, rows)
+        else:  # add(): every rank numbers the whole batch (add_shard renumbers its rows)
+            kind, new_ids = "int", np.arange(self._next_id, self._next_id + rows, dtype=np.int64)
+        if self._named is not None and self._ntotal > 0 and self._named != (kind == "str"):
+            how = "string ids (ids= or doc_ids=)" if self._named else "int ids"
+            raise ValueError(
+                f"doc_ids must be given on every add() or on none: this index holds {how}, "
+                f"this add() gives {kind} ids (one kind of id per index)"
+            )
+        if kind == "str":
+            check_unique_doc_ids(new_ids, ())  # within the batch
+            taken: list[Any] = []
+            if self.local.ntotal and self._named:  # live names here (a removed one may return)
+                rows_here = self.local.rows_of(new_ids, skip_unknown=True)
+                taken = list(self.local.ids_at(rows_here))
+        elif ids is not None:
+            unique = np.unique(new_ids)
+            if unique.size != new_ids.size:
+                seen: set[int] = set()
+                repeated = [d for d in new_ids.tolist() if d in seen or seen.add(d)]
+                raise ValueError(
+                    f"ids must be unique: {sorted(set(repeated))[:5]} appear more than once "
+                    "in this add()"
+                )
+            held, _ = self._rows_of_ints(torch.from_numpy(unique).to(self._gids.device))
+            taken = unique[held.cpu().numpy()].tolist() if self._named is False else []
+        else:
+            taken = []
+        if taken:
+            shown = ", ".join(repr(d) for d in taken[:5])
+            more = f" and {len(taken) - 5} more" if len(taken) > 5 else ""
+            name = "doc_ids" if doc_ids is not None else "ids"
+            raise ValueError(f"{name} must be new: {shown}{more} already in the index")
+        return x, was_numpy, kind, new_ids
 
-    def _extend(self, lo: int, hi: int, added: int, named: bool) -> None:
-        new = torch.arange(lo, hi, dtype=torch.int64, device=self._gids.device)
+    def _extend(
+        self, lo: int, hi: int, added: int, kind: str, block_ids: Any, custom: bool
+    ) -> None:
+        """Append this rank's new positions ``lo .. hi - 1`` (``block_ids``: their user
+        ids); ``custom``: the batch's int ids differ from its positions (same on every rank)."""
+        dev = self._gids.device
+        new = torch.arange(lo, hi, dtype=torch.int64, device=dev)
+        if kind == "int" and (custom or self._uids is not None):
+            if self._uids is None:  # so far the user ids were the positions
+                self._uids = self._gids.clone()
+            block = torch.as_tensor(np.asarray(block_ids, dtype=np.int64), device=dev)
+            self._uids = torch.cat([self._uids, block.reshape(-1)])
         self._gids = torch.cat([self._gids, new])
         if self._removed is not None:
             self._removed = torch.cat([self._removed, torch.zeros_like(new, dtype=torch.bool)])
+        self._uid_index = None
         self._ntotal += added
         self._next_gid += added
-        self._named = named
+        self._named = kind == "str"
 
     # ------------------------------------------------------------------ removing
     def remove(self, ids: Any) -> int:
-        """Collective: remove documents by global id (or by name for a named index).
+        """Collective: remove documents by id (the ids search returns: ints, or names for a
+        named index).
 
         Every rank passes the same ids. Each rank finds the ones its shard holds and removes
         them from its local index (tombstones, compacted as ``IMRNNIndex.remove`` does); one
         sum all-reduce finds ids no rank holds (never added, or already removed), which
-        raise ValueError naming them on every rank before anything changes. Global ids of
-        the other documents do not change, and later adds continue after the largest id
-        ever given. Searches then equal those of one process's index without the removed
-        documents (ties still by global id).
+        raise ValueError naming them on every rank before anything changes. The other
+        documents keep their ids and positions, and later default ids continue after the
+        largest id ever given. Searches then equal those of one process's index without the
+        removed documents (ties still by add order).
 
         Returns:
             The number of documents removed.
         """
         what = "remove()"
 
-        def validate() -> tuple[torch.Tensor, list[Any], set[Any]]:
+        def validate() -> tuple[torch.Tensor, list[Any], torch.Tensor]:
             if isinstance(ids, np.ndarray | torch.Tensor) and ids.dtype in (np.bool_, torch.bool):
                 raise TypeError("remove() takes a collection of ids, not a boolean mask")
             return self._held_rows(ids, what)
 
-        rows, keys, held = self._checked(what, _allow_signature(ids), validate)
-        self._check_all_held(keys, held, what)
+        rows, keys, found = self._checked(what, _allow_signature(ids), validate)
+        positions = self._check_all_held(keys, found, what)
 
         def drop() -> None:
             if rows.numel() == 0:
@@ -890,17 +1015,51 @@ class DistributedIMRNNIndex:
             if self._removed is None:
                 self._removed = torch.zeros_like(self._gids, dtype=torch.bool)
             self._removed[rows] = True
+            self._uid_index = None
             if self.local.projected_corpus.shape[0] == self.local.ntotal:  # it compacted
-                self._gids = self._gids[~self._removed]
-                self._removed = None
+                self._drop_removed_rows()
 
         self._step(what, drop, breaks=True)
+        self._gone = torch.cat([self._gone, positions.cpu()]).sort().values
         self._ntotal -= len(keys)
         return len(keys)
 
-    def _held_rows(self, ids: Any, what: str) -> tuple[torch.Tensor, list[Any], set[Any]]:
-        """(this shard's live local rows of ``ids``, sorted; the sorted unique ids; the ones
-        this shard holds). Ids: global ints, or names for a named index."""
+    def _drop_removed_rows(self) -> None:
+        """Forget the rows of removed documents after the local index compacted them."""
+        if self._removed is None:
+            return
+        keep = ~self._removed
+        self._gids = self._gids[keep]
+        if self._uids is not None:
+            self._uids = self._uids[keep]
+        self._removed = None
+        self._uid_index = None
+
+    def _rows_of_ints(self, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(held here and live, local row or 0) for a tensor of user int ids."""
+        if self._uids is None:  # user ids are positions
+            owned, pos = self._locate(wanted)
+            if self._removed is not None and pos.numel():
+                owned &= ~self._removed[pos]
+            return owned, pos
+        if self._uid_index is None:
+            live = self._live_rows()
+            rows = torch.arange(self._uids.numel(), device=self._uids.device)
+            rows = rows if live is None else live
+            values = self._uids[rows]
+            order = torch.argsort(values)
+            self._uid_index = (values[order], rows[order])
+        values, rows = self._uid_index
+        if values.numel() == 0:
+            return torch.zeros_like(wanted, dtype=torch.bool), torch.zeros_like(wanted)
+        at = torch.searchsorted(values, wanted).clamp_(max=values.numel() - 1)
+        hit = values[at] == wanted
+        return hit, torch.where(hit, rows[at], torch.zeros_like(at))
+
+    def _held_rows(self, ids: Any, what: str) -> tuple[torch.Tensor, list[Any], torch.Tensor]:
+        """(this shard's live local rows of ``ids``, sorted; the sorted unique ids; for each
+        of them, its position + 1 where this shard holds it, else 0). Ids: the index's kind
+        (ints, or names for a named index)."""
         dev = self._gids.device
         if isinstance(ids, str | bytes | int) or not isinstance(
             ids, Sequence | set | frozenset | np.ndarray | torch.Tensor | range
@@ -919,27 +1078,35 @@ class DistributedIMRNNIndex:
             rows = np.zeros(0, dtype=np.int64)
             if self.local_ntotal:
                 rows = self.local.rows_of(keys, skip_unknown=True)
-            table = self.local.doc_ids or []
-            return torch.as_tensor(rows, device=dev), keys, {table[r] for r in rows.tolist()}
+            names = self.local.ids_at(rows)
+            slot = {name: i for i, name in enumerate(keys)}
+            found = torch.zeros(len(keys), dtype=torch.int64)
+            if rows.size:
+                at = torch.as_tensor(rows, device=dev)
+                found[[slot[name] for name in names]] = self._gids[at].cpu() + 1
+            return torch.as_tensor(rows, device=dev), keys, found
         wrong = [d for d in keys_in if not isinstance(d, int) or isinstance(d, bool)]
         if wrong:
             raise TypeError(f"{what}: this index holds int ids, got {wrong[:5]}")
         keys = sorted(set(keys_in))
         wanted = torch.as_tensor(keys, dtype=torch.int64, device=dev).reshape(-1)
-        owned, pos = self._locate(wanted)
-        if self._removed is not None and pos.numel():
-            owned &= ~self._removed[pos]
-        return pos[owned], keys, set(wanted[owned].tolist())
+        held, pos = self._rows_of_ints(wanted)
+        found = torch.zeros(len(keys), dtype=torch.int64)
+        if bool(held.any()):
+            found[held.cpu()] = self._gids[pos[held]].cpu() + 1
+        return pos[held].sort().values, keys, found
 
-    def _check_all_held(self, keys: list[Any], held: set[Any], what: str) -> None:
-        """Raise ValueError on every rank naming the ``keys`` no shard holds (one sum)."""
-        found = torch.tensor([float(key in held) for key in keys], dtype=torch.float32)
-        self._comm.reduce_([found], what, exact=False)
+    def _check_all_held(self, keys: list[Any], found: torch.Tensor, what: str) -> torch.Tensor:
+        """The positions of ``keys`` (one sum over the ranks of ``found``: position + 1 where
+        a shard holds the key, 0 elsewhere); ValueError on every rank naming keys no shard
+        holds."""
+        self._comm.reduce_([found], what, exact=False)  # int64: an exact sum
         unknown = [key for key, c in zip(keys, found.tolist(), strict=True) if c == 0]
         if unknown:  # every rank summed the same counts: every rank raises here
             shown = ", ".join(map(repr, unknown[:5]))
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise ValueError(f"{what}: ids not in the index: {shown}{more}")
+        return found - 1
 
     def _live_rows(self) -> torch.Tensor | None:
         """This shard's local rows not removed, or None when none is removed."""
@@ -961,15 +1128,11 @@ class DistributedIMRNNIndex:
     ) -> DistributedIMRNNIndex:
         """Collective: shard an in-memory single-process index that every rank holds.
 
-        Each rank keeps its contiguous block (projected rows, cache rows, first-stage vectors).
+        Each rank keeps a contiguous block of its live documents (projected rows, cache rows,
+        first-stage vectors) with their ids (default, custom ints or names); removed
+        documents are left out and the next default id is kept, so searches, ``remove``,
+        ``allow`` and later adds behave as on ``index``.
         """
-        if index.projected_corpus.shape[0] != index.ntotal or (
-            index.id_kind == "int" and not np.array_equal(index.ids, np.arange(index.ntotal))
-        ):
-            raise ValueError(
-                "from_index(): the sharded index numbers documents by position; this index "
-                "has removed documents or int ids other than 0 .. N - 1"
-            )
         cfg = index.settings()
         out = cls(
             index.model,
@@ -980,23 +1143,39 @@ class DistributedIMRNNIndex:
             timeout=timeout,
             **cfg,
         )
-        lo, hi = shard_bounds(index.ntotal, out.world_size, out.rank)
+        live_n = index.ntotal
+        lo, hi = shard_bounds(live_n, out.world_size, out.rank)
         cache = index.document_cache
-        names = index.doc_ids
+        kind = index.id_kind
+        # Every rank holds the same index: the same decision everywhere.
+        custom = kind == "int" and not np.array_equal(index.ids, np.arange(live_n))
 
-        def block() -> IMRNNIndex:
-            return IMRNNIndex.from_parts(
+        def block() -> tuple[IMRNNIndex, Any]:
+            rows = np.arange(lo, hi, dtype=np.int64)
+            removed = index.removed_rows
+            if removed.size:  # the live rows lo .. hi - 1, skipping tombstones
+                stored = index.projected_corpus.shape[0]
+                rows = np.setdiff1d(np.arange(stored), removed, assume_unique=True)[lo:hi]
+            first, last = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
+            take = torch.from_numpy(rows).to(index.projected_corpus.device)
+            ids = index.ids_at(rows)
+            local = IMRNNIndex.from_parts(
                 index.model,
-                index.projected_corpus[lo:hi],
-                index.first_stage_vectors(lo, hi),
-                document_cache=None if cache is None else cache[lo:hi],
-                doc_ids=None if names is None else names[lo:hi],
+                index.projected_corpus.index_select(0, take),
+                index.first_stage_vectors(first, last)[rows - first],
+                document_cache=None
+                if cache is None
+                else cache.index_select(0, take.to(cache.device)),
+                doc_ids=list(ids) if kind == "str" else None,
                 device=out.device,
                 **settings_for_rows(cfg, hi - lo),
             )
+            return local, ids
 
-        local = out._step("from_index()", block)
-        out._install(local, lo, index.ntotal, names is not None)
+        local, ids = out._step("from_index()", block)
+        uids = torch.as_tensor(np.asarray(ids, dtype=np.int64)) if custom else None
+        next_id = index.next_id if kind == "int" else 0
+        out._install(local, torch.arange(lo, hi), live_n, kind == "str", uids, live_n, next_id)
         return out
 
     @classmethod
@@ -1016,6 +1195,10 @@ class DistributedIMRNNIndex:
         The projected corpus and the cache are read by slice (safetensors), a flat first stage
         through a memory map, so no rank holds the whole corpus. IVF/HNSW first stages are
         read whole once, then rebuilt per shard (approximate: not equal to the saved one).
+        Saved ids (default, custom int ids, names), removed documents and the next default
+        id (format 2) are kept: every rank reads ``ids.safetensors`` (8 bytes per stored row
+        and per removed one), the ranks split the live documents evenly and drop the
+        tombstones of their block, so searches equal ``IMRNNIndex.load``'s.
         Every rank hashes the manifest it read (SHA-256) before and after reading its block,
         and the ranks compare the hashes, so ranks that resolved different versions of
         ``directory`` (one of them caught while a save replaced it) never mix their shards.
@@ -1029,20 +1212,15 @@ class DistributedIMRNNIndex:
         directory = Path(directory)
         comm = _Collectives(group, timeout)
 
-        def read() -> tuple[dict[str, Any], Path, str | None]:
+        def read() -> tuple[Any, ...]:
             d = resolve_directory(directory)
             digest = _manifest_digest(d)
             manifest = _read_manifest(d, verify)
+            int_ids, removed = read_ids(d, manifest)
             _check_unchanged(d, digest, comm.rank)
-            if "ids" in manifest:
-                raise IndexError_(
-                    f"{d}: saved with int ids other than 0 .. N - 1 or with removed documents "
-                    f"(ids {manifest['ids']}); the sharded index numbers documents by position "
-                    "and loads neither: load it with IMRNNIndex.load"
-                )
-            return manifest, d, digest
+            return manifest, d, digest, int_ids, removed
 
-        manifest, d, digest = comm.run("load()", read, signature=str(directory))
+        manifest, d, digest, int_ids, removed = comm.run("load()", read, signature=str(directory))
         differ = comm.agree("load()", str(digest))
         if differ:
             raise IndexError_(
@@ -1052,12 +1230,23 @@ class DistributedIMRNNIndex:
             )
         cfg = dict(manifest["index"])
         n = int(manifest["ntotal"])
-        # Every rank's block, read by slice; the files were checked on every rank above.
-        lo, hi = shard_bounds(n, comm.world_size, comm.rank)
+        removed = np.zeros(0, dtype=np.int64) if removed is None else removed.numpy()
+        live_n = n - removed.size
+        # This rank's share of the live documents, as the stored rows [lo, hi) that span
+        # them (tombstones inside are read, then dropped): the ranks split the live rows,
+        # not the stored ones, so a block of removed rows does not leave a rank idle.
+        jlo, jhi = shard_bounds(live_n, comm.world_size, comm.rank)
+        lo, hi = 0, 0
+        if jhi > jlo:
+            lo, hi = _live_row(jlo, removed), _live_row(jhi - 1, removed) + 1
+        dead = torch.zeros(hi - lo, dtype=torch.bool)
+        inside = removed[(removed >= lo) & (removed < hi)] - lo
+        dead[torch.from_numpy(inside)] = True
 
         def read_block() -> IMRNNIndex:
             local = IMRNNIndex.load(d, device=device or "cpu", verify=False, rows=(lo, hi))
             _check_unchanged(d, digest, comm.rank)
+            local.compact()  # drop the tombstones: the positions below skip them
             return local
 
         # A block that fails to read on one rank raises on every rank (no rank left waiting).
@@ -1071,7 +1260,13 @@ class DistributedIMRNNIndex:
             timeout=timeout,
             **cfg,
         )
-        out._install(local, lo, n, "doc_ids.json" in manifest["files"])
+        named = "doc_ids.json" in manifest["files"]
+        uids = None if int_ids is None else int_ids[lo:hi][~dead]
+        next_id = manifest.get("next_id")
+        if next_id is None:  # an older save: one above the largest stored id, as a load infers
+            next_id = int(int_ids.max()) + 1 if int_ids is not None and n else n
+        positions = torch.arange(lo, hi)[~dead]
+        out._install(local, positions, live_n, named, uids, n, 0 if named else next_id, removed)
         return out
 
     # ------------------------------------------------------------------ saving
@@ -1104,8 +1299,7 @@ class DistributedIMRNNIndex:
         def piece() -> tuple[Any, ...]:
             if self._removed is not None:  # rows of removed documents are not saved
                 self.local.compact()
-                self._gids = self._gids[~self._removed]
-                self._removed = None
+                self._drop_removed_rows()
             cache = self.local.document_cache
             return (
                 self._gids.cpu(),
@@ -1113,6 +1307,7 @@ class DistributedIMRNNIndex:
                 None if cache is None else cache.detach().cpu(),
                 self.local.first_stage_vectors(),
                 self.local.doc_ids if self._named else None,
+                None if self._uids is None else self._uids.cpu(),
             )
 
         pieces = self._comm.gather_to_root(self._step(what, piece), what)
@@ -1145,9 +1340,12 @@ class DistributedIMRNNIndex:
         cfg = self.local.settings()
         if cfg.get("first_stage") == "ivf":
             cfg["nlist"] = None  # sized for the whole corpus again
-        # Global ids with gaps (removed documents) are saved as the documents' int ids.
+        # Custom int ids are saved as they are; default ids are the positions, saved as the
+        # documents' int ids when removals left gaps.
         ids = None
-        if names is None and not torch.equal(ordered, torch.arange(self._ntotal)):
+        if pieces[0][5] is not None:
+            ids = torch.cat([p[5] for p in pieces])[order].numpy()
+        elif names is None and not torch.equal(ordered, torch.arange(self._ntotal)):
             ids = ordered.numpy()
         return IMRNNIndex.from_parts(
             self.model,
@@ -1156,18 +1354,36 @@ class DistributedIMRNNIndex:
             document_cache=cache,
             doc_ids=names,
             ids=ids,
+            next_id=None if names is not None else self._next_id,
             device="cpu",
             **cfg,
         )
 
-    def _install(self, local: IMRNNIndex, lo: int, ntotal: int, named: bool) -> None:
-        """Make ``local`` (global rows ``lo .. lo + local.ntotal - 1``) this rank's shard."""
+    def _install(
+        self,
+        local: IMRNNIndex,
+        positions: torch.Tensor,
+        ntotal: int,
+        named: bool,
+        uids: torch.Tensor | None,
+        next_gid: int,
+        next_id: int,
+        gone: np.ndarray | None = None,
+    ) -> None:
+        """Make ``local`` (no tombstones; its rows at global ``positions``, ascending) this
+        rank's shard of ``ntotal`` live documents; ``uids``: their user int ids when they
+        differ from the positions (None on every rank otherwise); ``gone``: the sorted
+        positions below ``next_gid`` that hold no live document."""
         self.local = local
-        self._gids = torch.arange(lo, lo + local.ntotal, dtype=torch.int64, device=local.device)
+        self._gids = positions.to(torch.int64).to(local.device)
+        self._uids = None if uids is None else uids.to(torch.int64).to(local.device)
+        self._uid_index = None
         self._ntotal = ntotal
-        self._next_gid = ntotal
+        self._next_gid = next_gid
+        self._next_id = next_id
         self._removed = None
         self._named = named
+        self._gone = torch.from_numpy(np.zeros(0, dtype=np.int64) if gone is None else gone)
 
     # ------------------------------------------------------------------ searching
     def _validate_search(
@@ -1199,17 +1415,21 @@ class DistributedIMRNNIndex:
     ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
         """Collective top-k over the whole sharded corpus; same contract as ``IMRNNIndex.search``.
 
-        Every rank passes the same queries and gets the same global (scores, ids): global
-        ids (positions in add order) also when the documents are named (:meth:`doc_names`
-        maps them). ``workspace_bytes`` bounds this rank's exhaustive scan of its shard (as
+        Every rank passes the same queries and gets the same (scores, ids), those one
+        process's index of the same documents returns: int64 ids with -1 padding (default
+        or custom int ids), or the names with None padding for a named index (a numpy
+        object array for numpy queries, a list of lists for torch queries). Mapping results
+        to custom ids or names costs one more exchange per call (an exact sum all-reduce of
+        (B, k) int64, or a gather of the names each rank holds). ``workspace_bytes`` bounds this rank's exhaustive scan of its shard (as
         ``IMRNNIndex.search``); ranks may pass different values (the results do not depend
         on it), and a budget too small on one rank raises ``ValueError`` on every rank.
 
         ``allow`` (the same on every rank) restricts the search as ``IMRNNIndex.search``
         does, with the result of one process's index given the same ``allow``: a collection
-        of global ids (or of names, for a named index: each rank looks up the names it
-        holds, and one sum all-reduce finds names no rank holds, which raise ValueError on
-        every rank), or a boolean mask of shape (``ntotal``,) over global ids. Each shard's
+        of ids (or of names, for a named index: each rank looks up the ids it holds, and
+        one sum all-reduce finds ids no rank holds, which raise ValueError on every rank),
+        or a boolean mask of shape (``ntotal``,) aligned as one index's ``ids``: entry j is
+        the j-th live document in add order (removed ones skipped). Each shard's
         first stage and exhaustive scan search only its allowed rows; an empty selection
         gives padding only.
         """
@@ -1239,9 +1459,60 @@ class DistributedIMRNNIndex:
             ]
         scores = torch.cat([o[0] for o in outs]) if outs else torch.empty(0, k)
         ids = torch.cat([o[1] for o in outs]) if outs else torch.empty(0, k, dtype=torch.int64)
+        if self._named:
+            names = self._names_of(ids, "search()")
+            if not was_numpy:
+                return scores, names
+            table = np.empty(tuple(ids.shape), dtype=object)
+            for r, row in enumerate(names):
+                table[r, :] = row
+            return scores.cpu().numpy(), table
+        ids = self._user_ids(ids, "search()")
         if was_numpy:
             return scores.cpu().numpy(), ids.cpu().numpy()
         return scores, ids
+
+    def _user_ids(self, positions: torch.Tensor, what: str) -> torch.Tensor:
+        """Collective when ids are custom: the user int ids of a table of positions (-1
+        stays -1), by an exact one-owner sum all-reduce (each position has one owner)."""
+        if self._uids is None:  # the same on every rank
+            return positions
+
+        def owned() -> torch.Tensor:
+            if self._uids.numel() == 0:  # a rank without documents owns no slot
+                return torch.zeros_like(positions)
+            mine, lpos = self._locate(positions)
+            return torch.where(mine, self._uids[lpos], torch.zeros_like(positions))
+
+        table = self._comm.attempt(owned, lambda: torch.zeros_like(positions))
+        self._comm.reduce_([table], what, exact=True)
+        return torch.where(positions >= 0, table, torch.full_like(table, -1))
+
+    def _names_of(self, positions: torch.Tensor, what: str) -> list[list[str | None]]:
+        """Collective: the names of a (B, k) table of positions (None for -1): each rank
+        names the positions it holds, one gather of them."""
+
+        def mine() -> list[list[str | None]]:
+            t = positions.to(torch.int64).to(self._gids.device)
+            owned, lpos = self._locate(t)
+            names = self.local.doc_ids or []
+            return [
+                [names[int(p)] if bool(o) else None for o, p in zip(orow, prow, strict=True)]
+                for orow, prow in zip(owned.cpu(), lpos.cpu(), strict=True)
+            ]
+
+        gathered = self._gather_object(self._step(what, mine), what)
+
+        def merge() -> list[list[str | None]]:
+            merged = gathered[0]
+            for other in gathered[1:]:
+                merged = [
+                    [a if a is not None else b for a, b in zip(ra, rb, strict=True)]
+                    for ra, rb in zip(merged, other, strict=True)
+                ]
+            return merged
+
+        return self._step(what, merge)
 
     def _padding(self, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -1259,31 +1530,34 @@ class DistributedIMRNNIndex:
             return live, None if live is None else self._ntotal
         dev = self._gids.device
         if isinstance(allow, np.ndarray | torch.Tensor) and allow.dtype in (np.bool_, torch.bool):
-            if self._removed is not None or self._next_gid != self._ntotal:
-                raise ValueError(
-                    "allow as a boolean mask needs an index without removed documents (its "
-                    "entries are global ids 0 .. ntotal - 1): give a collection of ids"
-                )
             mask = allow.detach().cpu().numpy() if isinstance(allow, torch.Tensor) else allow
             if mask.shape != (self._ntotal,):
                 raise ValueError(
                     f"allow as a boolean mask must have shape ({self._ntotal},) (one entry per "
-                    f"global id), got {mask.shape}"
+                    f"document, in the order of IMRNNIndex.ids: live documents in add "
+                    f"order), got {mask.shape}"
                 )
+            live = self._live_rows()
+            if live is None:
+                live = torch.arange(self._gids.numel(), device=dev)
             rows = torch.zeros(0, dtype=torch.int64, device=dev)
-            if self._gids.numel():
-                rows = torch.nonzero(torch.from_numpy(mask).to(dev)[self._gids]).flatten()
+            if live.numel():
+                # Entry j is the j-th live position: a position p is entry p - (positions
+                # below p that hold no live document), from the replicated _gone.
+                pos = self._gids[live].cpu()
+                entry = pos - torch.searchsorted(self._gone, pos)
+                rows = live[torch.from_numpy(mask)[entry].to(dev)]
             return rows, int(mask.sum())
-        rows, keys, held = self._held_rows(allow, "allow")
-        return rows, (keys, held)
+        rows, keys, found = self._held_rows(allow, "allow")
+        return rows, (keys, found)
 
     def _count_allowed(self, rows: torch.Tensor | None, allowed: Any) -> int:
         """The global number of allowed documents (ids and names: one sum over ranks of
         which each shard holds; one no shard holds raises ValueError on every rank)."""
         if not isinstance(allowed, tuple):
             return int(allowed)
-        keys, held = allowed
-        self._check_all_held(keys, held, "allow")
+        keys, found = allowed
+        self._check_all_held(keys, found, "allow")
         return len(keys)
 
     def _locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1541,37 +1815,53 @@ class DistributedIMRNNIndex:
             s = s.float()
         return s, gi
 
-    def doc_names(self, ids: np.ndarray | torch.Tensor) -> list[list[str | None]] | None:
-        """Collective: the ``doc_ids`` names of a (B, k) table of global ids (None for -1).
+    def positions_of(self, ids: Any) -> torch.Tensor:
+        """Collective: the global positions (:attr:`global_ids`: add order over the whole
+        index) of a (B, k) table of ids as ``search`` returns them (-1 / None: -1).
 
+        For the command line, whose ``"id"`` is a document's row in one process's index.
+        An id no rank holds raises ValueError on every rank.
+        """
+        what = "positions_of()"
+
+        def flat() -> tuple[list[Any], list[list[bool]]]:
+            rows = ids.tolist() if isinstance(ids, np.ndarray | torch.Tensor) else ids
+            keep = [[d is not None and not (isinstance(d, int) and d < 0) for d in r] for r in rows]
+            keys = [
+                d for r, kr in zip(rows, keep, strict=True) for d, k in zip(r, kr, strict=True) if k
+            ]
+            return keys, keep
+
+        keys, keep = self._step(what, flat)
+        _, sorted_keys, found = self._checked(
+            what, _allow_signature(keys), lambda: self._held_rows(keys, what)
+        )
+        positions = self._check_all_held(sorted_keys, found, what)
+        at = dict(zip(sorted_keys, positions.tolist(), strict=True))
+        out = iter(at[d] for d in keys)
+        return torch.tensor(
+            [[next(out) if k else -1 for k in kr] for kr in keep], dtype=torch.int64
+        ).reshape(len(keep), -1)
+
+    def doc_names(self, ids: Any) -> list[list[str | None]] | None:
+        """Collective: the names of a (B, k) table of global positions (None for -1).
+
+        Positions are :attr:`global_ids` (add order over the whole index). ``search`` now
+        returns the names of a named index itself; given such a table (a list of lists or
+        a numpy object array) this returns it as a list of lists, without an exchange.
         None when the index has no names.
         """
         if not self._named:
             return None
+        if isinstance(ids, list) or (isinstance(ids, np.ndarray) and ids.dtype == object):
+            return [list(row) for row in ids]
         what = "doc_names()"
 
-        def mine() -> list[list[str | None]]:
+        def positions() -> torch.Tensor:
             t = torch.as_tensor(np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids))
-            t = t.to(torch.int64).to(self._gids.device)
-            owned, lpos = self._locate(t)
-            names = self.local.doc_ids or []
-            return [
-                [names[int(p)] if bool(o) else None for o, p in zip(orow, prow, strict=True)]
-                for orow, prow in zip(owned.cpu(), lpos.cpu(), strict=True)
-            ]
+            return t.to(torch.int64)
 
-        gathered = self._gather_object(self._step(what, mine), what)
-
-        def merge() -> list[list[str | None]]:
-            merged = gathered[0]
-            for other in gathered[1:]:
-                merged = [
-                    [a if a is not None else b for a, b in zip(ra, rb, strict=True)]
-                    for ra, rb in zip(merged, other, strict=True)
-                ]
-            return merged
-
-        return self._step(what, merge)
+        return self._names_of(self._step(what, positions), what)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1641,9 +1931,24 @@ def _allow_signature(allow: Any) -> str:
     return hashlib.sha256("\x00".join(items).encode()).hexdigest()
 
 
-def _batch_signature(embeddings: Any, doc_ids: Sequence[str] | None) -> str:
+def _batch_signature(embeddings: Any, ids: Any) -> str:
     # A sample of rows: hashing a multi-GB batch on every rank would cost seconds.
     names = None
-    if doc_ids is not None:
-        names = hashlib.sha256("\x00".join(map(str, doc_ids)).encode()).hexdigest()
+    if ids is not None:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        try:
+            items = [repr(d.item() if isinstance(d, np.generic) else d) for d in ids]
+        except TypeError:  # not iterable: refused by the checks, the same on every rank
+            items = [type(ids).__name__]
+        names = hashlib.sha256("\x00".join(items).encode()).hexdigest()
     return json.dumps([_digest_array(embeddings, sample_rows=64), names])
+
+
+def _live_row(j: int, removed: np.ndarray) -> int:
+    """The stored row of the ``j``-th live document, given the sorted ``removed`` rows.
+
+    ``removed[i] - i`` live rows precede the i-th removed row, so the removed rows before
+    the j-th live one are those with ``removed[i] - i <= j``."""
+    before = removed - np.arange(removed.size)
+    return j + int(np.searchsorted(before, j, side="right"))

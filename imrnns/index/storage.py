@@ -14,6 +14,10 @@ A saved index is one directory, written atomically (:func:`imrnns._atomic.atomic
   removed documents not yet compacted away, only when there are some. The manifest's
   ``"ids"`` entry says which it holds (``{"int": bool, "removed": R}``). An index without
   this file (every version-1 save) has default or string ids and no removed rows.
+- ``"next_id"`` in the manifest (format version 2): the id the next default ``add`` gives, only
+  when it is not the one a load infers (the largest stored int id + 1, i.e. ``ntotal`` for
+  default ids): after the last documents were removed and compacted away, it keeps their ids
+  from being handed out again. Saves without it (every earlier one) load as before.
 
 ``ntotal`` counts stored rows (removed ones included): the files' shapes follow it.
 
@@ -63,6 +67,8 @@ FORMAT_VERSION = 2
 FORMAT_VERSION_PLAIN = 1
 IDS_FILE = "ids.safetensors"
 MANIFEST_NAME = "manifest.json"
+# Largest "next_id": one past the largest int id (ids are int64 >= 0; -1 pads results).
+MAX_NEXT_ID = 2**63
 # Files every index directory holds (doc_ids.json only when the documents are named).
 REQUIRED_FILES = (
     "adapter/config.json",
@@ -163,6 +169,7 @@ def write_index(
     *,
     int_ids: torch.Tensor | None = None,
     removed: torch.Tensor | None = None,
+    next_id: int | None = None,
 ) -> None:
     """Write an index directory atomically (the layout in the module docstring).
 
@@ -179,6 +186,8 @@ def write_index(
         settings: the index's constructor settings, recorded in the manifest.
         int_ids: (N,) int64 ids when they are not the defaults 0 .. N - 1, or None.
         removed: (R,) int64 sorted rows of removed documents, or None (none removed).
+        next_id: the next default id, when a load could not infer it (module docstring), or
+            None. Written as the manifest's ``"next_id"`` (format version 2).
 
     Raises:
         ValueError: ``directory`` is not an earlier index save (the message names it and the
@@ -205,6 +214,8 @@ def write_index(
                 "int": int_ids is not None,
                 "removed": 0 if removed is None else int(removed.numel()),
             }
+        if next_id is not None:
+            extra["next_id"] = int(next_id)
         files = {}
         for path in sorted(tmp.rglob("*")):
             if path.is_file():
@@ -296,6 +307,13 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
         raise IndexError_(
             f"{manifest_path}: 'ids' must be {{'int': bool, 'removed': 0 .. ntotal}} exactly "
             f"when {IDS_FILE} is listed, got {ids_entry!r}"
+        )
+    next_id = manifest.get("next_id")
+    if next_id is not None and (
+        isinstance(next_id, bool) or not isinstance(next_id, int) or not 0 <= next_id <= MAX_NEXT_ID
+    ):
+        raise IndexError_(
+            f"{manifest_path}: 'next_id' must be an int in [0, 2**63], got {next_id!r}"
         )
     paths = {rel: _check_entry(directory, rel) for rel in sorted(files)}
     for rel, path in paths.items():

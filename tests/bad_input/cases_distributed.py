@@ -65,10 +65,12 @@ def distributed_allow_unknown(ws):
     return lambda: index.search(ws.queries, 3, allow=[1, 40, 41])
 
 
-@case("distributed", ValueError, r"allow as a boolean mask needs an index without removed")
+# A boolean allow mask after removals is aligned with the live documents (IMRNNIndex.ids):
+# one of the length before the removal is refused, naming the shape it must have.
+@case("distributed", ValueError, r"allow as a boolean mask must have shape \(39,\)")
 def distributed_mask_after_removal(ws):
     import numpy as np
 
     index = DistributedIMRNNIndex.from_index(ws.index(named=False))
     index.remove([3])
-    return lambda: index.search(ws.queries, 3, allow=np.ones(39, dtype=bool))
+    return lambda: index.search(ws.queries, 3, allow=np.ones(40, dtype=bool))

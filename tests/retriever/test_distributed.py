@@ -192,11 +192,11 @@ def run_scenario(name: str, index: Any) -> dict[str, tuple[torch.Tensor, torch.T
     s = scenario(name)
     q = torch.from_numpy(s["queries"])
     out = {mode: index.search(q, k=s["k"], mode=mode) for mode in MODES}
-    if isinstance(index, IMRNNIndex) and index.doc_ids is not None:
-        # One named index returns string ids; the sharded one global positions (doc_names).
-        row_of = {d: r for r, d in enumerate(index.doc_ids)}
+    if name == "load-bf16":
+        # A named index, one process or sharded, returns the names ("doc-<row>"), None
+        # padding: compared here as rows.
         out = {
-            mode: (sc, torch.tensor([[row_of[d] if d is not None else -1 for d in r] for r in i]))
+            mode: (sc, torch.tensor([[int(d[4:]) if d is not None else -1 for d in r] for r in i]))
             for mode, (sc, i) in out.items()
         }
     return out

@@ -178,18 +178,6 @@ def test_unknown_allowed_ids_fail_on_every_rank(runs) -> None:
     assert torch.equal(i0, i1) and bool((i0 < 50).all())
 
 
-def test_from_index_and_load_refuse_what_shards_cannot_hold(tmp_path: Path) -> None:
-    corpus, _ = make_data()
-    index = IMRNNIndex(make_model("diag-v02"), feedback_k=FK)
-    index.add(corpus)
-    index.remove([3])
-    with pytest.raises(ValueError, match="numbers documents by position"):
-        DistributedIMRNNIndex.from_index(index)
-    index.save(tmp_path / "ix")
-    with pytest.raises(ValueError, match="the sharded index numbers documents by position"):
-        DistributedIMRNNIndex.load(tmp_path / "ix")
-
-
 def _removed(step: int) -> set[int]:
     """The global ids removed by the first ``step + 1`` calls."""
     return {i for gone in REMOVALS[: step + 1] for i in gone}
@@ -250,3 +238,236 @@ def test_removal_compacts_keeps_ids_and_saves_them(runs, tmp_path: Path) -> None
     s, i = r0["after-add/rows"]
     assert torch.equal(i, want)
     torch.testing.assert_close(s, want_s, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- ids as one index
+# The sharded index returns what one process's index of the same documents returns: names
+# (None padding) for named documents, the user's int ids (-1 padding) for custom int ids,
+# after removals, loads of format-2 saves (tombstones, custom ids, the next default id) and
+# from_index; a boolean allow mask is aligned as IMRNNIndex.ids (live documents, add order).
+USER = np.random.default_rng(11).permutation(10 * 317)[:317]  # not ascending: ties by order
+GONE = [0, 14, 60, 200, 301]  # rows: 0 and 14 have duplicates (rows 300, 314) that stay
+SAVED = ("custom-tombstones", "named-tombstones", "default-compacted")
+
+
+def _user_single(kind: str) -> IMRNNIndex:
+    """One process's index of ``kind``, built (and edited) as the workers build theirs."""
+    corpus, _ = make_data()
+    n = len(corpus)
+    index = IMRNNIndex(make_model("diag-v02"), feedback_k=FK)
+    if kind == "named":
+        index.add(corpus, doc_ids=_names(list(range(n))))
+    elif kind == "custom":  # custom ids, then default ids continuing after the largest
+        index.add(corpus[:200], ids=USER[:200])
+        index.add(corpus[200:])
+        index.remove([int(d) for d in index.ids_at(np.asarray(GONE))])
+    elif kind == "custom-tombstones":
+        index.add(corpus, ids=USER)
+        index.remove(USER[GONE].tolist())  # 5 of 317: tombstones, saved as format 2
+    elif kind == "named-tombstones":
+        index.add(corpus, doc_ids=_names(list(range(n))))
+        index.remove(_names(GONE))
+    elif kind == "default-compacted":  # the last rows removed and compacted away
+        index.add(corpus)
+        index.remove(list(range(n - 100, n)))
+    return index
+
+
+def _mask(n: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(5).choice(n, size=n // 3, replace=False)] = True
+    return mask
+
+
+def _searches(index: Any, queries: np.ndarray) -> dict[str, Any]:
+    """Both modes, torch and numpy queries, and a boolean allow mask over index.ids."""
+    q = torch.from_numpy(queries)
+    out = {}
+    for mode in MODES:
+        out[f"torch/{mode}"] = index.search(q, K_, mode)
+        out[f"numpy/{mode}"] = index.search(queries, K_, mode)
+        out[f"mask/{mode}"] = index.search(queries, K_, mode, allow=_mask(index.ntotal))
+    return out
+
+
+def _ids_worker(rank: int, store: str, root: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    out: dict[str, Any] = {}
+    try:
+        corpus, queries = make_data()
+        n = len(corpus)
+        with K.use_backend("cpu"):
+            for exchange in EXCHANGES:
+                named = DistributedIMRNNIndex(
+                    make_model("diag-v02"), feedback_k=FK, exchange=exchange
+                )
+                named.add(corpus, doc_ids=_names(list(range(n))))
+                out[f"named/{exchange}"] = _searches(named, queries)
+                out[f"named-positions/{exchange}"] = named.positions_of(
+                    out[f"named/{exchange}"]["torch/rerank"][1]
+                )
+                custom = DistributedIMRNNIndex(
+                    make_model("diag-v02"), feedback_k=FK, exchange=exchange
+                )
+                out[f"custom-added/{exchange}"] = custom.add(corpus[:200], ids=USER[:200])
+                out[f"custom-default/{exchange}"] = custom.add(corpus[200:])
+                # remove by the user's ids, then search, mask and allow by id
+                gone = [int(USER[i]) if i < 200 else int(USER.max()) + 1 + i - 200 for i in GONE]
+                custom.remove(gone)
+                out[f"custom/{exchange}"] = _searches(custom, queries)
+                out[f"custom-allow/{exchange}"] = custom.search(
+                    queries, K_, "exhaustive", allow=USER[70:170].tolist()
+                )
+                shard = DistributedIMRNNIndex(
+                    make_model("diag-v02"), feedback_k=FK, exchange=exchange
+                )
+                lo, hi = (0, 200) if rank == 0 else (200, n)  # rank order = add order
+                shard.add_shard(corpus[lo:hi], ids=USER[lo:hi])
+                out[f"shard/{exchange}"] = _searches(shard, queries)
+                # a rank without rows passes no id (its empty list has no kind)
+                mine = (
+                    (corpus[:3], [10**6 + i for i in range(3)]) if rank == 0 else (corpus[:0], [])
+                )
+                out[f"shard-empty-ids/{exchange}"] = shard.add_shard(mine[0], ids=mine[1])
+                out[f"shard-empty/{exchange}"] = _searches(shard, queries)
+                for kind in SAVED:
+                    loaded = DistributedIMRNNIndex.load(Path(root) / kind, exchange=exchange)
+                    out[f"load-{kind}/{exchange}"] = _searches(loaded, queries)
+                    sharded = DistributedIMRNNIndex.from_index(
+                        _user_single(kind), exchange=exchange
+                    )
+                    out[f"from-{kind}/{exchange}"] = _searches(sharded, queries)
+                    if kind != "named-tombstones":
+                        out[f"load-add-{kind}/{exchange}"] = loaded.add(corpus[:3])
+                        out[f"from-add-{kind}/{exchange}"] = sharded.add(corpus[:3])
+            custom.save(Path(root) / "custom-saved")
+            try:
+                custom.add(corpus[:2], ids=[int(USER[1]), 10**6])  # USER[1] lives on rank 0 only
+            except ValueError as exc:
+                out["taken"] = str(exc)
+            try:
+                custom.search(queries, K_, allow=np.ones(n, dtype=bool))  # n: before removals
+            except ValueError as exc:
+                out["mask-shape"] = str(exc)
+    except Exception:
+        out["crash"] = traceback.format_exc()
+    torch.save(out, os.path.join(root, f"ids{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def user_runs(tmp_path_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("duser")
+    for kind in SAVED:
+        _user_single(kind).save(root / kind)
+    mp.spawn(_ids_worker, args=(str(root / "store"), str(root)), nprocs=WORLD)
+    ranks = [torch.load(root / f"ids{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in ranks:
+        assert "crash" not in r, r["crash"]
+    return {"ranks": ranks, "root": root}
+
+
+def _want(index: IMRNNIndex) -> dict[str, Any]:
+    _, queries = make_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with K.use_backend("cpu"):
+            return _searches(index, queries)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same(got: dict[str, Any], want: dict[str, Any]) -> None:
+    for key, (want_s, want_i) in want.items():
+        got_s, got_i = got[key]
+        assert type(got_i) is type(want_i), key
+        if isinstance(want_i, np.ndarray):
+            assert got_i.dtype == want_i.dtype and got_i.tolist() == want_i.tolist(), key
+        elif isinstance(want_i, list):
+            assert got_i == want_i, key
+        else:
+            assert got_i.dtype == torch.int64 and torch.equal(got_i, want_i), key
+        np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_named_search_returns_the_names_one_index_returns(user_runs, exchange) -> None:
+    # Regression: the sharded index returned global int positions for named documents.
+    want = _want(_user_single("named"))
+    assert want["torch/rerank"][1][0][0].startswith("doc-")
+    for r in user_runs["ranks"]:
+        _same(r[f"named/{exchange}"], want)
+        # the command line's "id": the document's row in one process's index
+        rows = [
+            [int(d[4:]) if d is not None else -1 for d in row] for row in want["torch/rerank"][1]
+        ]
+        assert r[f"named-positions/{exchange}"].tolist() == rows
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_custom_int_ids_removals_and_masks_equal_one_index(user_runs, exchange) -> None:
+    single = _user_single("custom")
+    want = _want(single)
+    _, queries = make_data()
+    with K.use_backend("cpu"):
+        want_allow = single.search(queries, K_, "exhaustive", allow=USER[70:170].tolist())
+    top = int(USER.max())
+    for r in user_runs["ranks"]:
+        assert r[f"custom-added/{exchange}"].tolist() == USER[:200].tolist()
+        assert r[f"custom-default/{exchange}"].tolist() == list(range(top + 1, top + 118))
+        _same(r[f"custom/{exchange}"], want)
+        _same({"allow": r[f"custom-allow/{exchange}"]}, {"allow": want_allow})
+        assert "ids must be new: " in r["taken"] and str(int(USER[1])) in r["taken"]
+        assert "must have shape (312,)" in r["mask-shape"]
+    saved = IMRNNIndex.load(user_runs["root"] / "custom-saved")
+    assert saved.ids.tolist() == single.ids.tolist() and saved.next_id == single.next_id
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_add_shard_with_custom_ids_equals_one_index(user_runs, exchange) -> None:
+    corpus, _ = make_data()
+    single = IMRNNIndex(make_model("diag-v02"), feedback_k=FK)
+    single.add(corpus, ids=USER)
+    want = _want(single)
+    for r in user_runs["ranks"]:
+        _same(r[f"shard/{exchange}"], want)
+    single.add(corpus[:3], ids=[10**6 + i for i in range(3)])
+    want = _want(single)
+    for rank, r in enumerate(user_runs["ranks"]):
+        _same(r[f"shard-empty/{exchange}"], want)
+        assert r[f"shard-empty-ids/{exchange}"].tolist() == (
+            [10**6, 10**6 + 1, 10**6 + 2] if rank == 0 else []
+        )
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+@pytest.mark.parametrize("kind", SAVED)
+@pytest.mark.parametrize("how", ["load", "from"])
+def test_format_2_loads_and_from_index_equal_one_index(user_runs, exchange, kind, how) -> None:
+    # Regression: load and from_index refused custom int ids and removed documents.
+    corpus, _ = make_data()
+    single = IMRNNIndex.load(user_runs["root"] / kind)
+    want = _want(single)
+    if kind != "named-tombstones":
+        added = single.add(corpus[:3])
+    for r in user_runs["ranks"]:
+        _same(r[f"{how}-{kind}/{exchange}"], want)
+        if kind != "named-tombstones":
+            # later default ids continue after the saved next id (never a removed one)
+            assert r[f"{how}-add-{kind}/{exchange}"].tolist() == added.tolist()
+
+
+def test_mask_after_removals_is_aligned_with_one_index_ids() -> None:
+    # Regression: a boolean allow mask was refused once documents were removed.
+    _, queries = make_data()
+    single = _user_single("custom")
+    sharded = DistributedIMRNNIndex.from_index(single)
+    mask = _mask(single.ntotal)
+    with K.use_backend("cpu"):
+        for mode in MODES:
+            want_s, want_i = single.search(queries, K_, mode, allow=mask)
+            got_s, got_i = sharded.search(queries, K_, mode, allow=mask)
+            assert got_i.tolist() == want_i.tolist()
+            np.testing.assert_allclose(got_s, want_s, atol=1e-6, rtol=0)

@@ -336,3 +336,99 @@ def test_bad_ids_files_are_refused_naming_them(tmp_path: Path, tensors, entry, m
     with pytest.raises(IndexError_, match=match) as info:
         IMRNNIndex.load(tmp_path / "ix")
     assert "ids.safetensors" in str(info.value) or "manifest.json" in str(info.value)
+
+
+# --------------------------------------------------------------------------- the next id
+def _five(tmp_path: Path, gone: list[int]) -> IMRNNIndex:
+    """5 documents (ids 0 .. 4), ``gone`` removed, saved and loaded."""
+    corpus, _ = _data()
+    index = IMRNNIndex(_model(), feedback_k=3)
+    assert index.add(corpus[:5]).tolist() == [0, 1, 2, 3, 4]
+    index.remove(gone)
+    index.save(tmp_path / "ix")
+    return IMRNNIndex.load(tmp_path / "ix")
+
+
+@pytest.mark.parametrize("gone", [[4], [3, 4], [2, 3, 4]])
+def test_ids_are_never_reused_after_save_and_load(tmp_path: Path, gone: list[int]) -> None:
+    # Regression: the next default id was not saved. [4] kept its tombstone (saved, so the
+    # load inferred 5 already); [3, 4] and [2, 3, 4] compact the last rows away, and the
+    # load handed out 3 (2) again.
+    corpus, _ = _data()
+    loaded = _five(tmp_path, gone)
+    assert loaded.next_id == 5
+    assert loaded.add(corpus[5:6]).tolist() == [5]
+    manifest = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+    if len(gone) > 1:  # saved only where a load could not infer it
+        assert manifest["next_id"] == 5 and manifest["format_version"] == 2
+        # a slice keeps it too (a shard adds after it)
+        assert IMRNNIndex.load(tmp_path / "ix", rows=(0, 2)).next_id == 5
+    else:
+        assert "next_id" not in manifest
+
+
+def test_a_save_without_next_id_loads_as_before(tmp_path: Path) -> None:
+    # Backward compatibility: a manifest without "next_id" infers it (largest id + 1, or N).
+    corpus, _ = _data()
+    index = IMRNNIndex(_model(), feedback_k=3)
+    index.add(corpus[:5], ids=[7, 3, 9, 1, 2])
+    index.save(tmp_path / "ix")
+    manifest = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+    assert "next_id" not in manifest
+    assert IMRNNIndex.load(tmp_path / "ix").add(corpus[:1]).tolist() == [10]
+    plain = IMRNNIndex(_model(), feedback_k=3)
+    plain.add(corpus[:5])
+    plain.save(tmp_path / "plain")
+    manifest = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and "next_id" not in manifest
+    assert IMRNNIndex.load(tmp_path / "plain").add(corpus[:1]).tolist() == [5]
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (2, r"next_id must be an int in \[3, 2\*\*63\]"),
+        ("6", r"'next_id' must be an int in \[0, 2\*\*63\]"),
+        (True, r"'next_id' must be an int"),
+        (2**64, r"'next_id' must be an int"),
+    ],
+)
+def test_a_bad_next_id_is_refused_naming_the_manifest(tmp_path: Path, value, match) -> None:
+    _five(tmp_path, [3, 4])
+    path = tmp_path / "ix" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["next_id"] = value  # the manifest's own checksum is not listed: no rewrite
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IndexError_, match=match) as info:
+        IMRNNIndex.load(tmp_path / "ix")
+    assert "manifest.json" in str(info.value)
+
+
+def test_from_parts_takes_a_next_id_and_checks_it() -> None:
+    corpus, _ = _data()
+    index = IMRNNIndex(_model(), feedback_k=3)
+    index.add(corpus[:4], ids=[0, 1, 2, 8])
+    parts = (index.model, index.projected_corpus, index.first_stage_vectors())
+    rebuilt = IMRNNIndex.from_parts(*parts, ids=index.ids, next_id=20, **index.settings())
+    assert rebuilt.next_id == 20 and rebuilt.add(corpus[:1]).tolist() == [20]
+    with pytest.raises(ValueError, match=r"next_id must be an int in \[9, 2\*\*63\]"):
+        IMRNNIndex.from_parts(*parts, ids=index.ids, next_id=8, **index.settings())
+    with pytest.raises(ValueError, match="next_id applies to int ids"):
+        IMRNNIndex.from_parts(*parts, doc_ids=list("abcd"), next_id=8, **index.settings())
+
+
+def test_a_removed_id_added_again_saves_and_loads(tmp_path: Path) -> None:
+    # Regression: a removed id added again before compaction was saved twice (its tombstone
+    # and the new row), and the load refused the directory ("ids repeat").
+    corpus, queries = _data()
+    for ids in (list(range(10, 18)), [f"d{i}" for i in range(8)]):
+        index = IMRNNIndex(_model(), feedback_k=3)
+        index.add(corpus[:8], ids=ids)
+        index.remove([ids[1]])
+        index.add(corpus[8:9], ids=[ids[1]])
+        index.save(tmp_path / "ix")
+        loaded = IMRNNIndex.load(tmp_path / "ix")
+        assert list(loaded.ids) == list(index.ids)
+        _equal(
+            _results(loaded, queries, "exhaustive", 5), _results(index, queries, "exhaustive", 5)
+        )
