@@ -24,7 +24,10 @@ Run:
 - ``python -m benchmarks.test_bench_training --before /path/to/old/checkout``: before and
   after side by side, interleaved, each shape ``--repeats`` times, the old code importing
   ``imrnns`` from the other checkout (``git archive HEAD | tar -x -C /tmp/head``); a JSON
-  record with ``--out``. ``measure(shape, ...)`` is the function a sweep can call.
+  record with ``--out``; ``--queries N`` trains N queries of the shape instead (peak memory
+  against the number of queries), ``--mining-chunk`` sets the streamed chunk; each row
+  records the 1-minute load average before and after it. ``measure(shape, ...)`` is the
+  function a sweep can call.
 
 Goals (asserted with ``IMRNNS_BENCH_STRICT=1``): per query, the ``nfcorpus`` epoch within 3x
 the ``scifact`` one; the streamed 100,000-query epoch's peak memory within
@@ -145,13 +148,18 @@ class Collection:
         return EmbeddedSplit(ds, self.corpus, np.concatenate(embs), encoder="synthetic")
 
 
-def _epoch(shape_name: str, streamed: bool, mining_chunk: int | None) -> dict[str, Any]:
-    """Build, prepare and train one epoch in this process; seconds of each part."""
+def _epoch(
+    shape_name: str, streamed: bool, mining_chunk: int | None, queries: int | None = None
+) -> dict[str, Any]:
+    """Build, prepare and train one epoch in this process; seconds of each part.
+    ``queries``: another number of training queries than the shape's."""
     import torch
 
     from imrnns.training import TrainConfig, prepare_training_data, train
 
     shape = SHAPES[shape_name]
+    if queries is not None:
+        shape = dataclasses.replace(shape, queries=queries)
     config = TrainConfig(epochs=1)
     if mining_chunk is not None:
         config = dataclasses.replace(config, mining_chunk=mining_chunk)
@@ -198,7 +206,9 @@ def _child(args: argparse.Namespace) -> None:
     import imrnns.training
     from benchmarks._common import peak_extra_memory
 
-    out, peak = peak_extra_memory(lambda: _epoch(args.shape, args.streamed, args.mining_chunk))
+    out, peak = peak_extra_memory(
+        lambda: _epoch(args.shape, args.streamed, args.mining_chunk, args.queries)
+    )
     out["peak_extra_mb"] = None if peak is None else peak / 2**20
     out["imrnns"] = str(Path(imrnns.training.__file__).resolve().parents[1])
     print("RESULT " + json.dumps(out), flush=True)
@@ -212,10 +222,13 @@ def measure(
     imrnns_root: str | Path | None = None,
     threads: int = THREADS,
     timeout: float = 7200.0,
+    queries: int | None = None,
 ) -> dict[str, Any]:
     """One epoch of ``shape`` in a fresh subprocess: the dict of :func:`_epoch` plus
-    ``peak_extra_mb``. ``imrnns_root``: a checkout whose ``imrnns`` the child imports instead
-    of this one (the before side of a comparison; streaming needs the new code)."""
+    ``peak_extra_mb`` and the machine's 1-minute load average before and after (other
+    processes share the cores). ``imrnns_root``: a checkout whose ``imrnns`` the child
+    imports instead of this one (the before side of a comparison; streaming needs the new
+    code). ``queries``: another number of training queries than the shape's."""
     streamed = SHAPES[shape].streamed if streamed is None else streamed
     cmd = [sys.executable, "-m", "benchmarks.test_bench_training", "--child", "--shape", shape,
            "--threads", str(threads)]  # fmt: skip
@@ -225,12 +238,17 @@ def measure(
         cmd += ["--mining-chunk", str(mining_chunk)]
     if imrnns_root is not None:
         cmd += ["--imrnns-root", str(imrnns_root)]
+    if queries is not None:
+        cmd += ["--queries", str(queries)]
+    load_before = os.getloadavg()[0]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)  # fmt: skip
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
+            result = json.loads(line[len("RESULT ") :])
+            result["load_before"], result["load_after"] = load_before, os.getloadavg()[0]
+            return result
     raise RuntimeError(f"benchmark child failed ({proc.returncode}): {proc.stderr[-3000:]}")
 
 
@@ -273,14 +291,15 @@ def test_streamed_100k_epoch(benchmark: Any) -> None:
 # ----------------------------------------------------------------------------- script
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| shape | code | s/epoch | queries/s | ms/query | peak extra MB |",
-        "|---|---|---|---|---|---|",
+        "| shape | queries | code | s/epoch | queries/s | ms/query | peak extra MB | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['shape']}{' (streamed)' if r['streamed'] else ''} | {r['code']} | "
-            f"{r['epoch_s']:.1f} | {r['queries_per_s']:.0f} | {r['ms_per_query']:.2f} | "
-            f"{r['peak_extra_mb']:.0f} |"
+            f"| {r['shape']}{' (streamed)' if r['streamed'] else ''} | {r['queries']} | "
+            f"{r['code']} | {r['epoch_s']:.1f} | {r['queries_per_s']:.0f} | "
+            f"{r['ms_per_query']:.2f} | {r['peak_extra_mb']:.0f} | "
+            f"{r['load_before']:.1f}-{r['load_after']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -292,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="scifact,nfcorpus")
     parser.add_argument("--streamed", action="store_true")
     parser.add_argument("--mining-chunk", type=int, default=None)
+    parser.add_argument("--queries", type=int, default=None,
+                        help="training queries (default: the shape's)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--imrnns-root", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--before", default=None, help="checkout of the old code (its root)")
@@ -314,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                 if SHAPES[shape].streamed and code == "before" and not args.before_in_memory:
                     continue
                 r = measure(shape, streamed=streamed, mining_chunk=args.mining_chunk,
-                            imrnns_root=root, threads=args.threads)  # fmt: skip
+                            imrnns_root=root, threads=args.threads,
+                            queries=args.queries)  # fmt: skip
                 r["code"] = code
                 rows.append(r)
                 print(json.dumps(r), flush=True)

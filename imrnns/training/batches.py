@@ -60,6 +60,7 @@ def _epoch_batches(
         order = torch.randperm(len(chunk.ids), generator=gen).tolist()
         for lo in range(0, len(order), config.batch_size):
             yield chunk, order[lo : lo + config.batch_size]
+        del chunk  # dropped before the next chunk is mined: one chunk in memory at a time
 
 
 class Candidates(NamedTuple):

@@ -244,9 +244,12 @@ def prepare_training_data(
     usable = [q for q in ds.query_ids if any(g > 0 for g in ds.qrels[q].values())]
     skipped = {"no_positive": len(ds.query_ids) - len(usable)}
     if len(usable) < (2 if holdout else 1):
+        need = "2 (one for validation)" if holdout else "1"
         raise ValueError(
-            f"the {ds.split} split of {ds.name} has {len(usable)} queries with a relevant "
-            "document (qrel > 0); training needs at least 2 (one for validation)"
+            f"the {ds.split} split of {ds.name} (qrels/{ds.split}.tsv) has {len(usable)} "
+            f"queries with a relevant document (qrel > 0) of {len(ds.query_ids)} judged "
+            f"({skipped['no_positive']} with only grades <= 0 were skipped); training needs "
+            f"at least {need}"
         )
     if not holdout:
         train_ids, val_ids = list(usable), []
@@ -497,10 +500,17 @@ class _QueryStream:
             embs.append(emb)
             qrels[qid] = judged
             if len(ids) == self.chunk:
-                yield self._mine(ids, embs, qrels)
+                # The records are dropped before the chunk is handed out and the chunk before
+                # the next records are read: one chunk in memory at a time.
+                mined = self._mine(ids, embs, qrels)
                 ids, embs, qrels = [], [], {}
+                yield mined
+                del mined
         if ids:
-            yield self._mine(ids, embs, qrels)
+            mined = self._mine(ids, embs, qrels)
+            ids, embs, qrels = [], [], {}
+            yield mined
+            del mined
         if count != self.count or h.hexdigest() != self.digest:
             raise ValueError(
                 f"the query stream changed since it was prepared ({count} training queries now, "
@@ -539,7 +549,9 @@ def prepare_streaming_data(
     Memory: the corpus, the validation slice (``val_fraction`` of the queries, with its
     first stage), the ids of the validation queries and of the cited documents, and one
     chunk (``mining_chunk`` x (n + 2 feedback_k + negative_pool) numbers plus its
-    positives); never the whole stream. The in-memory path
+    positives, and while it is mined a (``mining_chunk``, N) block of first-stage scores);
+    never the whole stream. Only this preparing pass also holds every query id once (to
+    refuse a repeated id). The in-memory path
     (:func:`prepare_training_data`) is unchanged by this one.
 
     Args:
@@ -600,10 +612,13 @@ def prepare_streaming_data(
             cited.update(row_of[d] for d, g in judged.items() if g > 0)
     del seen
     if count == 0 or (holdout and not val_ids):
+        path = getattr(queries, "qrels_path", None)  # a BeirQueryStream names its file
+        where = f" ({path})" if path is not None else ""
         raise ValueError(
-            f"the query stream has {count} training and {len(val_ids)} validation queries with "
-            f"a relevant document (qrel > 0; {no_positive} without one were skipped): training "
-            "needs at least one of each (holdout=False needs no validation query)"
+            f"the query stream{where} has {count} training and {len(val_ids)} validation "
+            f"queries with a relevant document (qrel > 0; {no_positive} without one were "
+            "skipped): training needs at least one of each (holdout=False needs no validation "
+            "query)"
         )
     stream = _QueryStream(
         source=queries, corpus=corpus, row_of=row_of, held_out=set(val_ids), count=count,

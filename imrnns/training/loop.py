@@ -290,7 +290,11 @@ def train(
             pseudo_rows, pseudo_gen = _pseudo_schedule(data, config, epoch, steps_per_epoch)
             model.train()
             losses = []
-            for step, (queries, rows) in enumerate(_epoch_batches(data, config, gen)):
+            # No enumerate(): it keeps its last item, so a streamed chunk would outlive its
+            # batches while the next chunk is mined.
+            step = -1
+            for queries, rows in _epoch_batches(data, config, gen):
+                step += 1
                 optimizer.zero_grad(set_to_none=True)
                 loss = _step_loss(model, data, rows, config, gen, corpus_unit,
                                   pseudo_rows[step], pseudo_gen, queries)  # fmt: skip
@@ -306,6 +310,7 @@ def train(
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}",
                                 val_ndcg=_fmt(state["history"][-1]["validation"]))  # fmt: skip
+                del queries  # freed before the next chunk is mined: one chunk in memory
             model.eval()
             chosen = model if ema is None else ema
             metrics = validate(chosen, data, config.feedback_k) if has_val else None

@@ -31,6 +31,7 @@ from tests.bad_input import (  # noqa: F401
     cases_index,
     cases_model,
     cases_ops,
+    cases_training,
 )
 from tests.bad_input.harness import DEFINED_CASES, ERROR_CASES, Case, Workspace, tree_hash
 

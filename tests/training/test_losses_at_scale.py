@@ -175,6 +175,16 @@ def test_hinge_counts_each_ranked_pair_once_at_the_margin_boundary() -> None:
     # pairs: (0,1) 0.25-0.25=0, (0,2) 0, (0,3) 0.25, (1,2) 0.25, (1,3) 0.5 -> mean 0.2
     got = _pairwise_hinge(scores, gains, valid, 0.25)
     assert float(got) == pytest.approx(0.2, abs=1e-12)
+    # A pair exactly at the margin has no gradient either (relu'(0) = 0, as the oracle's).
+    x = scores.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_pairwise_hinge(x, gains, valid, 0.25), x)
+    y = scores.clone().requires_grad_(True)
+    oracle = _oracle_pairwise_hinge(
+        y[:, :, None] - y[:, None, :], _oracle_pair_mask(gains, valid), 0.25
+    )
+    (want,) = torch.autograd.grad(oracle, y)
+    torch.testing.assert_close(grad, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad, torch.tensor([[-0.2, -0.4, 0.2, 0.4]], dtype=torch.float64))
 
 
 def test_positives_without_any_competitor_give_zero_loss_and_finite_gradients() -> None:
@@ -269,3 +279,149 @@ def test_shared_columns_score_and_differentiate_as_the_op(
     # The shared columns go to the op only for affine or ill-conditioned moments.
     shared_by_op = modulation == "affine" or offset > 0
     assert widths == ([6, 3] if shared_by_op else [3]) + [9]  # then the reference call's 9
+
+
+# ----------------------------------------------------------------------------- one whole step
+# The step as it was before the rewrite (commit 3bb0ddf, imrnns/training/{batches,losses}.py),
+# kept verbatim but for names: every row's candidates scored by the op (no shared-column
+# GEMMs), base cosines by one einsum, the distillation's positives by per-row sets.
+def _oracle_batch_candidates(data, rows, config, gen, qs=None):
+    qs = data.train if qs is None else qs
+    union = sorted({d for r in rows for d in qs.positives[r][0]})
+    col = {d: j for j, d in enumerate(union)}
+    b, u, h = len(rows), len(union), config.num_negatives
+    gains = torch.zeros(b, u + h)
+    valid = torch.zeros(b, u + h, dtype=torch.bool)
+    ids = torch.zeros(b, u + h, dtype=torch.int64)
+    if u:
+        ids[:, :u] = torch.tensor(union, dtype=torch.int64)
+    in_batch = config.uses_in_batch
+    if in_batch:
+        valid[:, :u] = True
+    for i, r in enumerate(rows):
+        docs, grades = qs.positives[r]
+        for d, g in zip(docs, grades, strict=True):
+            gains[i, col[d]] = float(g) if config.graded else 1.0
+            valid[i, col[d]] = True
+        if h == 0:
+            continue
+        pos = set(docs)
+        pool = [d for d in qs.pool_ids[r].tolist() if d not in pos]
+        if not pool:
+            continue
+        chosen: list[int] = []
+        if config.cited_negatives > 0:
+            cited = [d for d in pool if d in data.train.cited]
+            perm = torch.randperm(len(cited), generator=gen)[: config.cited_negatives].tolist()
+            chosen = [cited[p] for p in perm]
+        taken = set(chosen)
+        rest = [d for d in pool if d not in taken]
+        perm = torch.randperm(len(rest), generator=gen)[: h - len(chosen)].tolist()
+        chosen += [rest[p] for p in perm]
+        for j, d in enumerate(chosen):
+            ids[i, u + j] = d
+            valid[i, u + j] = not (in_batch and d in col)
+    return ids, gains, valid
+
+
+def _oracle_query_loss(model, qs, rows, cand, gains, valid, config, gen, corpus_p, corpus_unit):
+    import math
+
+    idx = torch.tensor(list(rows), dtype=torch.int64)
+    q = qs.emb[idx]
+    if config.query_noise > 0:
+        noise = torch.randn(q.shape, generator=gen) * config.query_noise / math.sqrt(q.shape[1])
+        q = torch.nn.functional.normalize(q, dim=1) + noise
+    pq = model.project(q)
+    fb = qs.fb_ids[idx]
+    weights = model.feedback_weights(qs.fb_scores[idx])
+    tq, _, q_tilde = model.query_state(pq, corpus_p, fb, weights)
+    scores = model.score_ids(corpus_p, cand, tq, q_tilde)
+    q_unit = torch.nn.functional.normalize(q, dim=1)
+    base = torch.einsum("bn,bln->bl", q_unit, corpus_unit[cand])
+    loss = _oracle_loss(scores, base, gains, valid, config)
+    if config.distill_weight > 0:
+        fb_scores = model.score_ids(corpus_p, fb, tq, q_tilde)
+        fb_base = torch.einsum("bn,bln->bl", q_unit, corpus_unit[fb])
+        keep = torch.ones_like(fb, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            pos = set(qs.positives[r][0])
+            keep[i] = torch.tensor([d not in pos for d in fb[i].tolist()])
+        loss = loss + config.distill_weight * _oracle_distill(
+            fb_scores, fb_base, keep, config.distill_temperature
+        )
+    return loss
+
+
+def _oracle_distill(scores, base, keep, temperature):
+    neg_inf = torch.finfo(scores.dtype).min
+    log_p = torch.log_softmax((base / temperature).masked_fill(~keep, neg_inf), dim=1)
+    log_q = torch.log_softmax((scores / temperature).masked_fill(~keep, neg_inf), dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).masked_fill(~keep, 0.0).sum(dim=1)
+    return kl.mean()
+
+
+def _oracle_step_loss(model, data, rows, config, gen, corpus_unit):
+    cand, gains, valid = _oracle_batch_candidates(data, rows, config, gen)
+    corpus_p = model.project(data.corpus)
+    loss = _oracle_query_loss(model, data.train, rows, cand, gains, valid, config, gen,
+                              corpus_p, corpus_unit)  # fmt: skip
+    if config.anchor_weight > 0:
+        pick = torch.randperm(data.anchor_rows.shape[0], generator=gen)[: config.anchor_batch]
+        a_fb = data.anchor_fb[pick]
+        a_pq = corpus_p[data.anchor_rows[pick]]
+        a_tq, _, a_qt = model.query_state(
+            a_pq, corpus_p, a_fb, model.feedback_weights(data.anchor_fb_scores[pick])
+        )
+        a_scores = model.score_ids(corpus_p, a_fb, a_tq, a_qt)
+        loss = loss + config.anchor_weight * _oracle_distill(
+            a_scores, data.anchor_fb_scores[pick], torch.ones_like(a_fb, dtype=torch.bool),
+            config.distill_temperature,
+        )  # fmt: skip
+    return loss
+
+
+@pytest.fixture(scope="module")
+def graded_data():
+    from imrnns.training import prepare_training_data
+    from tests.helpers import synthetic_graded
+
+    split = synthetic_graded(seed=11, n_docs=200, dim=24, n_train=120, n_test=4)[0]
+    cfg = TrainConfig(feedback_k=20, negative_pool=40, num_negatives=12, cited_negatives=4,
+                      distill_weight=0.5, anchor_weight=0.3, query_noise=0.1, seed=3)  # fmt: skip
+    return prepare_training_data(split, cfg), cfg
+
+
+@pytest.mark.usefixtures("cpu_backend_one_thread")
+@pytest.mark.parametrize("loss", ["ce", "ce+margin+improvement"])
+@pytest.mark.parametrize("graded", [True, False])
+@pytest.mark.parametrize("modulation", ["diagonal", "affine"])
+def test_a_whole_step_matches_the_old_step_on_a_frozen_seed(
+    graded_data, loss: str, graded: bool, modulation: str
+) -> None:
+    # Five graded positives per query (two of grade 2, three of grade 1), 16 queries: the
+    # union has ~80 shared columns. Same seed, same draws: the same loss and gradients.
+    from imrnns import IMRNN
+    from imrnns.training.losses import _step_loss
+
+    data, base_cfg = graded_data
+    cfg = dataclasses.replace(base_cfg, loss=loss, graded=graded, modulation=modulation)
+    unit = torch.nn.functional.normalize(data.corpus, dim=1)
+    rows = list(range(3, 19))
+    results = []
+    for step in (_step_loss, _oracle_step_loss):
+        torch.manual_seed(0)
+        model = IMRNN(cfg.model_config(int(data.corpus.shape[1]))).train()
+        with torch.no_grad():  # random biases and LayerNorm affines: zeros would hide mistakes
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape))
+        out = step(model, data, rows, cfg, torch.Generator().manual_seed(42), unit)
+        grads = torch.autograd.grad(out, list(model.parameters()), allow_unused=True)
+        results.append((out.detach(), grads))
+    (got, got_g), (want, want_g) = results
+    assert bool(torch.isfinite(got)) and float(got) > 0
+    torch.testing.assert_close(got, want, **FP32)
+    for g, w in zip(got_g, want_g, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, **FP32)

@@ -25,11 +25,12 @@ from imrnns.training import (
 from imrnns.training.batches import _epoch_batches, _epoch_generator
 from imrnns.training.data import _QueryStream
 from imrnns.training.losses import _step_loss
-from tests.helpers import SMALL, check_resume, load_weights, synthetic_graded
+from tests.helpers import SMALL, TOLERANCES, check_resume, load_weights, synthetic_graded
 
 pytestmark = pytest.mark.usefixtures("cpu_backend_one_thread")
 
 CFG = dataclasses.replace(SMALL, epochs=2)
+FP32 = TOLERANCES[torch.float32]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,60 @@ def test_chunks_bound_what_is_mined_at_once(split, monkeypatch: pytest.MonkeyPat
     seen = [qs.ids[r] for qs, rows in batches for r in rows]
     assert len(seen) == len(set(seen)) == n
     assert not set(seen) & set(data.val.ids)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 24, 1000])
+def test_chunked_mining_gives_the_negatives_of_unchunked_mining(split, chunk: int) -> None:
+    # Every query's feedback set and its negative pool are the same whether its first stage
+    # is mined with 0, 6 or 999 other queries: the chunk changes when, not what.
+    cfg = dataclasses.replace(CFG, mining_chunk=chunk)
+    memory = prepare_training_data(split, cfg, holdout=False).train
+    data = streamed(split, cfg, holdout=False)
+    got: dict[str, tuple] = {}
+    for qs in data.stream.chunks():
+        assert len(qs.ids) <= chunk
+        for i, q in enumerate(qs.ids):
+            got[q] = (qs.fb_ids[i], qs.fb_scores[i], qs.pool_ids[i], qs.positives[i])
+    assert sorted(got) == sorted(memory.ids)
+    for i, q in enumerate(memory.ids):
+        fb_ids, fb_scores, pool_ids, positives = got[q]
+        assert torch.equal(fb_ids, memory.fb_ids[i]), q
+        assert torch.equal(pool_ids, memory.pool_ids[i]), q
+        # One query mined alone is a matrix-vector product, whose float32 sums may round
+        # differently: the same ids (no near-tie here), scores to the float32 tolerance.
+        torch.testing.assert_close(fb_scores, memory.fb_scores[i], **FP32)
+        assert positives == memory.positives[i], q
+
+
+def test_an_epoch_holds_one_mined_chunk_at_a_time(
+    tmp_path: Path, split, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The memory bound: while training, a chunk's mined query set is dropped before the next
+    # is mined, and the stream's records are consumed as they come (the source is a generator
+    # function that builds each record on demand).
+    import gc
+    import weakref
+
+    cfg = dataclasses.replace(CFG, mining_chunk=16, batch_size=8, epochs=1)
+    recs = records(split)
+    data = streamed(split, cfg, source=lambda: (dataclasses.replace(r) for r in recs))
+    alive: list[weakref.ref] = []
+    most = 0
+    real = _QueryStream._mine
+
+    def spy(self, ids, embs, qrels):
+        nonlocal most
+        gc.collect()
+        most = max(most, sum(ref() is not None for ref in alive))
+        qs = real(self, ids, embs, qrels)
+        alive.append(weakref.ref(qs))
+        return qs
+
+    monkeypatch.setattr(_QueryStream, "_mine", spy)
+    train(data, tmp_path / "run", cfg, progress=False)
+    assert len(alive) == len(data.stream.chunk_sizes()) >= 4
+    assert most == 0  # no earlier chunk was alive when the next one was mined
+    assert data.train.ids == [] and data.train.emb.shape[0] == 0  # nothing of the stream kept
 
 
 def test_stream_holds_out_validation_by_id_whatever_the_order(split) -> None:
@@ -210,11 +265,16 @@ def _with_qrels(split: EmbeddedSplit, qrels: dict[str, dict[str, int]]) -> Embed
 
 def test_only_zero_grades_is_a_clear_error_in_memory_and_streamed(tmp_path: Path, split) -> None:
     zero = {q: {d: 0 for d in j} for q, j in split.dataset.qrels.items()}
-    with pytest.raises(ValueError, match="0 queries with a relevant document"):
+    # The message names the qrels file and counts the queries skipped for it.
+    with pytest.raises(
+        ValueError,
+        match=r"qrels/train\.tsv\) has 0 queries with a relevant document \(qrel > 0\) of 80 "
+        r"judged \(80 with only grades <= 0 were skipped\)",
+    ):
         prepare_training_data(_with_qrels(split, zero), CFG)
     lines = [f"{q}\t{d}\t0" for q, j in zero.items() for d in j]
     stream = BeirQueryStream(write_beir(tmp_path / "b", split, lines), "train", split.queries)
-    with pytest.raises(ValueError, match="80 without one were skipped"):
+    with pytest.raises(ValueError, match=r"train\.tsv\) has 0 training .*80 without one were"):
         prepare_streaming_data(split.dataset.corpus_ids, split.corpus, stream, CFG)
 
 
@@ -228,6 +288,27 @@ def test_queries_without_a_positive_are_skipped_and_counted(split) -> None:
     stream = streamed(_with_qrels(split, qrels), CFG)
     assert stream.describe()["skipped_queries_without_positive"] == 7
     assert stream.num_train_queries + len(stream.val.ids) == 73
+
+
+def test_skips_are_counted_in_the_training_summary(tmp_path: Path, split) -> None:
+    # Grades 0 and negative are both "not relevant": such queries are left out, counted in
+    # train_from_beir's result and in out/training.json (what `imrnns train` prints).
+    import json
+
+    from imrnns.training import train_from_beir
+
+    qrels = dict(split.dataset.qrels)
+    for i, q in enumerate(split.dataset.query_ids[:6]):
+        qrels[q] = {d: (0, -1, -2)[i % 3] for d in qrels[q]}
+    cfg = dataclasses.replace(CFG, epochs=1)
+    result = train_from_beir("unused", tmp_path / "run", config=cfg, progress=False,
+                             embedded=_with_qrels(split, qrels))  # fmt: skip
+    summary = json.loads((tmp_path / "run" / "training.json").read_text())
+    for data in (result["data"], summary["data"]):
+        assert data["skipped_queries_without_positive"] == 6
+        assert data["queries_short_of_negatives"] == 0
+        assert data["num_train_queries"] + data["num_val_queries"] == 74
+    assert all(np.isfinite(h["loss"]) for h in result["history"][1:])
 
 
 def test_asking_more_negatives_than_the_pool_holds_is_a_config_error() -> None:
