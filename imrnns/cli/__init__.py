@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                 default=str(scifact_path()),
                 help="BEIR folder (default: the vendored SciFact)",
             )
-            sp.add_argument("--split", default="test", help="qrels split (default: test)")
+            sp.add_argument("--split", default="test", help="qrels split (default: %(default)s)")
 
     def index_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--modulation", choices=("diagonal", "affine"), default=None,
                     help="modulation form (default: diagonal)")  # fmt: skip
     sp.add_argument("--seed", type=int, default=None,
-                    help="random seed (default 42, which reproduces the shipped adapter)")  # fmt: skip
+                    help="random seed (default 42, the shipped adapter's)")  # fmt: skip
     sp.add_argument("--epochs", type=int, default=None)
     sp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="any TrainConfig field, e.g. loss=margin pseudo_queries=title "

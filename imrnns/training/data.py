@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -229,6 +230,11 @@ def prepare_training_data(
             split judges its document; the seen-doc / unseen-doc validation subsets
             depend on the real training queries only.
 
+    Feedback sets, hard negatives and distillation targets are mined by cosine (the
+    official recipe) whatever ``split.similarity`` says; for a dot-product encoder a
+    UserWarning says so, since an index built with ``similarity="dot"`` then draws its
+    feedback sets by inner product, unlike training.
+
     Queries whose every grade is <= 0 are left out, counted in ``describe()`` as
     ``skipped_queries_without_positive``; training queries with fewer than
     ``num_negatives`` pool documents besides their positives are kept (the missing columns
@@ -240,6 +246,17 @@ def prepare_training_data(
             unexpected, of another source, of another dimension, or naming a document not
             in the corpus.
     """
+    similarity = getattr(split, "similarity", "cosine")
+    if similarity != "cosine":
+        warnings.warn(
+            f"the {split.dataset.split} embeddings come from a {similarity!r}-similarity "
+            "encoder, but training mines feedback sets, hard negatives and distillation "
+            "targets by cosine; an index with similarity="
+            f"{similarity!r} draws its feedback sets by {similarity}, so they can differ "
+            "from the ones the adapter was trained with",
+            UserWarning,
+            stacklevel=2,
+        )
     ds = split.dataset
     usable = [q for q in ds.query_ids if any(g > 0 for g in ds.qrels[q].values())]
     skipped = {"no_positive": len(ds.query_ids) - len(usable)}

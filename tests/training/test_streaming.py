@@ -357,3 +357,15 @@ def test_a_diverged_loss_raises_instead_of_training_on_nan(
     monkeypatch.setattr(losses, "_loss", lambda scores, *a: scores.sum() * float("nan"))
     with pytest.raises(FloatingPointError, match="training loss is nan"):
         _step_loss(model, data, [0, 1, 2], CFG, torch.Generator().manual_seed(0), unit)
+
+
+def test_a_dot_product_split_warns_that_training_mines_by_cosine(split) -> None:
+    # Training's feedback sets come from cosine; a dot-similarity index would draw others.
+    dot = dataclasses.replace(split, similarity="dot")
+    with pytest.warns(UserWarning, match="mines feedback sets.*by cosine"):
+        prepare_training_data(dot, CFG)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_training_data(split, CFG)  # cosine: no warning
