@@ -46,17 +46,24 @@ import imrnns.training as training  # noqa: E402
 from imrnns.checkpoints import load_pretrained  # noqa: E402
 from imrnns.data import scifact_path  # noqa: E402
 from imrnns.evaluate import (  # noqa: E402
+    _base_space,
     _significance,
     _subsets,
     _summary,
-    _unit,
     base_search,
     embed_beir,
     evaluate_run,
     imrnn_search,
     run_from_results,
 )
+
 from imrnns.training.validation import _metrics_dict  # noqa: E402
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Unit rows, as the cosine base retriever compares them."""
+    return _base_space(x, "cosine")
+
 
 EPOCHS = 16
 GRIDS = {
