@@ -56,7 +56,6 @@ from imrnns.evaluate import (  # noqa: E402
     imrnn_search,
     run_from_results,
 )
-
 from imrnns.training.validation import _metrics_dict  # noqa: E402
 
 
