@@ -293,3 +293,21 @@ def make_data(n: int = DIST_N, b: int = DIST_B, seed: int = 0) -> tuple[np.ndarr
         # Exact duplicates on the other shard: equal first-stage and IMRNN scores across ranks.
         corpus[n - 17 :] = corpus[:17]
     return corpus, rng.standard_normal((b, DIST_DIM)).astype(np.float32)
+
+
+def rebuilt_index(index: Any, keep: np.ndarray, ids: Any) -> Any:
+    """The index of only rows ``keep`` (in order) of ``index``, from the very rows it stores
+    (projected corpus, first-stage vectors, document cache), with ``ids``: what an index built
+    from those documents alone holds. Used by the id and filter tests."""
+    from imrnns import IMRNNIndex
+
+    slots = torch.from_numpy(keep)
+    cache = index.document_cache
+    return IMRNNIndex.from_parts(
+        index.model,
+        index.projected_corpus[slots],
+        index.first_stage_vectors()[keep],
+        document_cache=None if cache is None else cache[slots],
+        ids=ids,
+        **index.settings(),
+    )

@@ -15,7 +15,7 @@ import torch
 
 from imrnns import IMRNN, IMRNNConfig, IMRNNIndex
 from imrnns.index.first_stage import faiss_available
-from tests.helpers import randomised
+from tests.helpers import randomised, rebuilt_index
 
 DIM, N, B = 24, 160, 6
 MODES = ["rerank", "exhaustive"]
@@ -44,20 +44,6 @@ def _index(kind: str, feedback_k: int = 12) -> IMRNNIndex:
     return IMRNNIndex(_model(kind), feedback_k=feedback_k)
 
 
-def _rebuilt(index: IMRNNIndex, keep: np.ndarray, ids: list | np.ndarray) -> IMRNNIndex:
-    """The index of only rows ``keep`` (in order), from the very rows ``index`` stores."""
-    slots = torch.from_numpy(keep)
-    cache = index.document_cache
-    return IMRNNIndex.from_parts(
-        index.model,
-        index.projected_corpus[slots],
-        index.first_stage_vectors()[keep],
-        document_cache=None if cache is None else cache[slots],
-        ids=ids,
-        **index.settings(),
-    )
-
-
 def _same(got: tuple, want: tuple) -> None:
     got_s, got_i = (np.asarray(x) for x in got)
     want_s, want_i = (np.asarray(x) for x in want)
@@ -75,7 +61,7 @@ def test_allow_equals_an_index_of_the_allowed_documents(kind: str, mode: str, si
     rng = np.random.default_rng(size)
     keep = np.sort(rng.choice(N, size=size, replace=False))
     keep = np.union1d(keep, [12, 42]) if size >= 30 else keep  # a tie inside the set
-    want_index = _rebuilt(index, keep, ids[keep])
+    want_index = rebuilt_index(index, keep, ids[keep])
     for q in (queries, queries[:1]):  # one query: the faiss brute-force backend when present
         want = want_index.search(q, 10, mode)
         got = index.search(q, 10, mode, allow=set(ids[keep].tolist()))
@@ -117,7 +103,7 @@ def test_allow_after_removals_and_string_ids(mode: str) -> None:
     assert index._n_dead == 10
     live = [i for i in range(N) if names[i] not in set(names[5:25:2])]
     allowed = [i for i in live if i % 3 != 1]
-    want = _rebuilt(index, np.array(allowed), [names[i] for i in allowed])
+    want = rebuilt_index(index, np.array(allowed), [names[i] for i in allowed])
     got = index.search(queries, 12, mode, allow={names[i] for i in allowed})
     exp = want.search(queries, 12, mode)
     assert isinstance(got[1], np.ndarray) and got[1].dtype == object

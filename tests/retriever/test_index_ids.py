@@ -13,7 +13,7 @@ import torch
 from imrnns import IMRNN, IMRNNConfig, IMRNNIndex
 from imrnns.index import IndexError_, core
 from imrnns.index.first_stage import faiss_available
-from tests.helpers import randomised
+from tests.helpers import randomised, rebuilt_index
 
 DIM, N, B = 20, 120, 5
 MODES = ["rerank", "exhaustive"]
@@ -29,20 +29,6 @@ def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     corpus = rng.standard_normal((N, DIM)).astype(np.float32)
     corpus[60:64] = corpus[0:4]  # exact ties, broken by add order
     return corpus, rng.standard_normal((B, DIM)).astype(np.float32)
-
-
-def _rebuilt(index: IMRNNIndex, keep: np.ndarray, ids) -> IMRNNIndex:
-    """The index of only rows ``keep`` of ``index`` (the very stored rows), with ``ids``."""
-    cache = index.document_cache
-    slots = torch.from_numpy(keep)
-    return IMRNNIndex.from_parts(
-        index.model,
-        index.projected_corpus[slots],
-        index.first_stage_vectors()[keep],
-        document_cache=None if cache is None else cache[slots],
-        ids=ids,
-        **index.settings(),
-    )
 
 
 def _results(index: IMRNNIndex, queries: np.ndarray, mode: str, k: int = 10) -> tuple:
@@ -152,7 +138,7 @@ def test_remove_equals_an_index_without_the_documents(
     assert index.remove(gone) == 4 and index.ntotal == N - 4
     assert index._n_dead == 4  # tombstones: below the compaction threshold
     keep = np.setdiff1d(np.arange(N), [0, 1, 60, 61])
-    alone = _rebuilt(index, keep, ids[keep])
+    alone = rebuilt_index(index, keep, ids[keep])
     want = _results(alone, queries, mode)
     _equal(_results(index, queries, mode), want)
     _equal(_results(index, queries[:1], mode), _results(alone, queries[:1], mode))
