@@ -8,8 +8,10 @@ triton (the Triton paths use :func:`dot_precision` and :func:`pow2` from here to
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -267,3 +269,29 @@ def scratch(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tenso
         if numel * buf.element_size() <= SCRATCH_KEEP_BYTES:
             buffers[key, dtype] = buf
     return buf[:numel].view(shape)
+
+
+_DYNAMO_IMPORTED = False
+
+
+def import_dynamo_off_stack() -> None:
+    """Import ``torch._dynamo`` once, in a short-lived thread, before the first custom-op call.
+
+    PyTorch's custom-op wrapper imports ``torch._dynamo`` on the first call of any custom
+    operator, and some of the modules it imports keep the frames that imported them (cyclic
+    garbage). Imported inside a user's call, those frames reach every caller's frame through
+    ``f_back`` and keep the caller's objects alive until a cyclic collection, which may only
+    run at interpreter exit: a distributed index freed there releases gloo tensors while the
+    process shuts down, and the process aborts ("terminate called without an active
+    exception"). A fresh thread's stack holds none of the caller's frames.
+    """
+    global _DYNAMO_IMPORTED
+    if _DYNAMO_IMPORTED:
+        return
+    if "torch._dynamo" not in sys.modules:
+        thread = threading.Thread(
+            target=importlib.import_module, args=("torch._dynamo",), name="imrnns-import"
+        )
+        thread.start()
+        thread.join()
+    _DYNAMO_IMPORTED = True

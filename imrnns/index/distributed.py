@@ -72,12 +72,14 @@ Launch with torchrun (see ``docs/distributed.md``)::
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import hashlib
 import json
 import math
 import os
 import pickle
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -235,6 +237,30 @@ def _note(exc: BaseException, text: str) -> None:
         exc.add_note(text)
 
 
+# Seconds the interpreter waits at exit, the GIL released, for the backend's threads (below).
+EXIT_GRACE_S = 0.05
+_EXIT_HOOK_REGISTERED = False
+
+
+def _let_backend_threads_finish() -> None:
+    """At interpreter exit: release the GIL for a moment before Python shuts down.
+
+    gloo's worker threads drop their reference to a finished collective's tensors just after
+    ``wait`` returns, and with PyTorch's preserved tensor PyObjects that drop takes the GIL.
+    If the process reaches interpreter shutdown first, such a thread is stopped while taking
+    the GIL inside a C++ destructor and the process aborts ("terminate called without an
+    active exception", SIGABRT, after a successful run). Sleeping here lets them finish.
+    """
+    time.sleep(EXIT_GRACE_S)
+
+
+def _register_exit_hook() -> None:
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        atexit.register(_let_backend_threads_finish)
+        _EXIT_HOOK_REGISTERED = True
+
+
 class _Collectives:
     """The collectives of one distributed index (or load) over ``group``, and its error path.
 
@@ -258,6 +284,8 @@ class _Collectives:
         self.timeout = as_timeout(timeout)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if self.distributed else 0
+        if self.distributed:
+            _register_exit_hook()
         self.world_size = dist.get_world_size(group) if self.distributed else 1
         backend = dist.get_backend(group) if self.distributed else "gloo"
         # NCCL moves CUDA tensors only; gloo moves CPU tensors.

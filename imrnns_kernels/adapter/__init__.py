@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from imrnns_kernels import _validation as checks
+from imrnns_kernels._runtime import import_dynamo_off_stack
 from imrnns_kernels.adapter import ops
 from imrnns_kernels.types import HyperNetWeights
 
@@ -66,6 +67,7 @@ def adapter_reduce(
     """
     ops.check_reduce_args(corpus, ids, weights, feedback_weights, modulation, cache)
     # Traced, the value checks above were skipped: the operator runs them when it executes.
+    import_dynamo_off_stack()
     return ops.adapter_reduce_op(
         corpus, ids, *weights, feedback_weights, modulation, cache, checks.tracing()
     )
@@ -95,6 +97,7 @@ def document_transforms(
             ``chunk_rows`` that is not a positive int.
     """
     ops.check_corpus_op_args(corpus, weights, modulation, chunk_rows)
+    import_dynamo_off_stack()
     return ops.document_transforms_op(corpus, *weights, modulation, chunk_rows, checks.tracing())
 
 
@@ -113,4 +116,5 @@ def corpus_transform(
         (OUT,) float32 (float64 for a float64 HyperNet); differentiable.
     """
     ops.check_corpus_op_args(corpus, weights, modulation, chunk_rows)
+    import_dynamo_off_stack()
     return ops.corpus_transform_op(corpus, *weights, modulation, chunk_rows, checks.tracing())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from imrnns_kernels import _validation as checks
+from imrnns_kernels._runtime import import_dynamo_off_stack
 from imrnns_kernels.scoring import ops
 
 __all__ = ["modulated_score", "modulated_topk"]
@@ -65,6 +66,7 @@ def modulated_score(
     ops.check_score_args(corpus, ids, transform, ln_weight, ln_bias, queries, modulation)
     # Traced, the value checks above were skipped: the operator runs them when it executes.
     validate = checks.tracing()
+    import_dynamo_off_stack()
     return ops.modulated_score_op(
         corpus, ids, transform, ln_weight, ln_bias, queries, modulation, eps, validate
     )
@@ -107,6 +109,7 @@ def modulated_topk(
     ops.check_topk_args(
         corpus, transform, ln_weight, ln_bias, queries, k, modulation, workspace_bytes
     )
+    import_dynamo_off_stack()
     return ops.modulated_topk_op(
         corpus,
         transform,
