@@ -692,12 +692,13 @@ def _resolve_directory(path: Path) -> Path:
     """:func:`resolve_directory` for a caller that holds the swap lock."""
     if path.exists():
         return path
-    # Exactly mkdtemp's names for this path (8 random characters): a bare glob would also
-    # match a sibling's debris (".idx.v2.<random>.old" for "idx.v2" when reading "idx").
-    own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.old")
+    # Exactly our names for this path's debris (_own_debris): a bare glob would also match a
+    # sibling's (".idx.v2.<random>.old" for "idx.v2" when reading "idx").
+    own = _own_debris(path)
     olds = []
     for p in path.parent.glob(f".{path.name}.*.old"):
-        if not own.fullmatch(p.name):
+        m = own.fullmatch(p.name)
+        if m is None or m.group(1) != "old":
             continue
         with contextlib.suppress(OSError):
             st = os.lstat(p)
