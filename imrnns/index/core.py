@@ -1543,17 +1543,12 @@ def check_unique_doc_ids(doc_ids: Sequence[str], known: Sequence[str]) -> None:
         seen: set[str] = set()
         repeated = [d for d in doc_ids if d in seen or seen.add(d)]
         raise ValueError(
-            f"doc_ids must be unique: {_a_few(list(dict.fromkeys(repeated)))} appear more "
+            f"doc_ids must be unique: {_few(list(dict.fromkeys(repeated)))} appear more "
             "than once in this add()"
         )
     if not new.isdisjoint(known):
         taken = [d for d in known if d in new]
-        raise ValueError(f"doc_ids must be new: {_a_few(taken)} already in the index")
-
-
-def _a_few(names: list[str], shown: int = 5) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(repr(n) for n in names[:shown]) + more
+        raise ValueError(f"doc_ids must be new: {_few(taken)} already in the index")
 
 
 def topk_by_score_then_id(
